@@ -1,0 +1,18 @@
+"""pdcompile: Hugging Face causal LMs as a prefill graph and a decode graph, compiled.
+
+    model = pdcompile.optimize(AutoModelForCausalLM.from_pretrained(path))
+    model.generate(**inputs, max_new_tokens=64)
+"""
+
+from . import ops  # noqa: F401  (registers the pdcompile:: operators)
+from .api import default_max_seq_len, optimize
+from .capture import UnsupportedModelError
+from .config import CacheConfig, OptimizeConfig, PassConfig
+from .runtime import CapacityError, OptimizedModel
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheConfig", "CapacityError", "OptimizeConfig", "OptimizedModel", "PassConfig",
+    "UnsupportedModelError", "default_max_seq_len", "optimize", "__version__",
+]

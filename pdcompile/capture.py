@@ -1,0 +1,407 @@
+"""Capture an unmodified HF causal LM as a prefill graph and a decode graph.
+
+Both graphs come from ``torch.export`` of the model's own ``forward`` with the KV
+cache handed in as explicit tensors: a small :class:`transformers.cache_utils.Cache`
+subclass wraps those tensors, so HF's attention code writes into them in place and
+the exported graph shows the writes as ``index_copy_`` / ``index_put_`` on graph
+inputs. The graphs take flat tensor inputs (the phase contract below) and return
+one logits tensor; parameters are shared with the original model, not copied.
+
+Phase contract (what the runtime feeds and what the passes may rely on)::
+
+    prefill(input_ids[B, S], last_idx[B], k_0, v_0, ..., k_{L-1}, v_{L-1}) -> logits[B, V]
+        Prompts are RIGHT-padded: row b holds its tokens at positions 0..last_idx[b];
+        positions past last_idx[b] are padding whose outputs and cache slots are
+        undefined (never read: decode overwrites slot last_idx[b] + 1 first).
+        Writes k/v of positions 0..S-1 into cache slots 0..S-1. Returns the logits of
+        position last_idx[b] of each row.
+
+    decode(input_ids[B, 1], pos[B], k_0, v_0, ...) -> logits[B, V]
+        Token b sits at position pos[b]; its k/v are written to slot pos[b] of row b
+        and it attends to slots 0..pos[b] of its row.
+
+    k_i, v_i: [B, kv_heads_i, T, head_dim_i], T the cache capacity of the call.
+
+B, S and T are dynamic dimensions. Right padding is what lets the prefill attention
+be purely causal for every real token (the runtime turns HF's left-padded batches
+into this layout), and per-row positions are what a paged cache needs later.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+logger = logging.getLogger(__name__)
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot be captured; the message says why and what is supported."""
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
+class CacheGeometry:
+    """Shape of the KV cache the graphs expect: one (k, v) pair per attention layer."""
+
+    layers: tuple[LayerGeometry, ...]
+    dtype: torch.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def bytes_per_token(self) -> int:
+        item = torch.empty((), dtype=self.dtype).element_size()
+        return sum(g.kv_heads * (g.head_dim + g.v_head_dim) for g in self.layers) * item
+
+    def allocate(self, batch: int, capacity: int, device) -> list[torch.Tensor]:
+        # Zeros, not empty: masked-out slots still enter the attention matmul with weight 0,
+        # and 0 * NaN from uninitialised memory would poison the output.
+        out = []
+        for g in self.layers:
+            out.append(torch.zeros(batch, g.kv_heads, capacity, g.head_dim, dtype=self.dtype, device=device))
+            out.append(torch.zeros(batch, g.kv_heads, capacity, g.v_head_dim, dtype=self.dtype, device=device))
+        return out
+
+
+# --------------------------------------------------------------------------- cache shim
+
+
+class _CaptureLayer(CacheLayerMixin):
+    """One layer's cache, backed by graph-input tensors, following the phase contract."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor | None):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.pos = pos  # None in prefill, [B] positions in decode
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states, value_states) -> None:  # tensors are given
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.pos is None:
+            # Prefill from position 0: store all S positions, attend over the prompt only.
+            idx = torch.arange(key_states.shape[2], device=key_states.device)
+            self.keys.index_copy_(2, idx, key_states)
+            self.values.index_copy_(2, idx, value_states)
+            return key_states, value_states
+        rows = torch.arange(key_states.shape[0], device=key_states.device)
+        self.keys[rows, :, self.pos] = key_states[:, :, 0]
+        self.values[rows, :, self.pos] = value_states[:, :, 0]
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length, *args, **kwargs):
+        if self.pos is None:
+            return query_length, 0
+        return self.keys.shape[2], 0
+
+    def get_seq_length(self, *args, **kwargs):
+        # Decode: claim the last slot so HF's causal term (kv_idx <= q_idx) admits every
+        # slot; the per-row limit comes from the 2-D attention mask built from `pos`.
+        return 0 if self.pos is None else self.keys.shape[2] - 1
+
+    def get_max_length(self):
+        return self.keys.shape[2]
+
+
+class _CaptureCache(Cache):
+    def __init__(self, layers):
+        super().__init__(layers=layers)
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return self.layers[0].get_seq_length()
+
+
+class _ProbeLayer(CacheLayerMixin):
+    """Records the k/v geometry HF hands to the cache; behaves like a fresh dynamic cache."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = None
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.shapes = (tuple(key_states.shape), tuple(value_states.shape), key_states.dtype)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length, *args, **kwargs):
+        return query_length, 0
+
+    def get_seq_length(self, *args, **kwargs):
+        return 0
+
+    def get_max_length(self):
+        return -1
+
+
+class _ProbeCache(Cache):
+    def __init__(self):
+        super().__init__(layer_class_to_replicate=_ProbeLayer)
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return 0
+
+
+# --------------------------------------------------------------------------- wrappers
+
+
+class PrefillModule(torch.nn.Module):
+    """The prefill phase of the contract, as a module torch.export can trace."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, last_idx, *caches):
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        # HF builds its causal+padding mask from this; the mask-fusion pass replaces it.
+        attention_mask = positions <= last_idx.unsqueeze(1)
+        cache = _CaptureCache([_CaptureLayer(caches[2 * i], caches[2 * i + 1], None) for i in range(self.num_layers)])
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        rows = torch.arange(batch, device=input_ids.device)
+        return out.logits[rows, last_idx]
+
+
+class ScoreModule(PrefillModule):
+    """Prefill that returns the logits of every position, [B, S, V] (for forward())."""
+
+    def forward(self, input_ids, last_idx, *caches):
+        batch, seq = input_ids.shape
+        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
+        attention_mask = positions <= last_idx.unsqueeze(1)
+        cache = _CaptureCache([_CaptureLayer(caches[2 * i], caches[2 * i + 1], None) for i in range(self.num_layers)])
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits
+
+
+class DecodeModule(torch.nn.Module):
+    """The decode phase of the contract, as a module torch.export can trace."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, pos, *caches):
+        capacity = caches[0].shape[2]
+        attention_mask = torch.arange(capacity, device=pos.device).unsqueeze(0) <= pos.unsqueeze(1)
+        cache = _CaptureCache([_CaptureLayer(caches[2 * i], caches[2 * i + 1], pos) for i in range(self.num_layers)])
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=pos.unsqueeze(1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        return out.logits[:, -1]
+
+
+# --------------------------------------------------------------------------- capture
+
+
+@dataclass
+class CapturedModel:
+    """The two phase graphs (flat inputs, params as attributes) and the cache they expect."""
+
+    prefill: torch.fx.GraphModule
+    decode: torch.fx.GraphModule
+    geometry: CacheGeometry
+    timings: dict[str, float]
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    config = getattr(model, "config", None)
+    name = type(model).__name__
+    if config is None:
+        raise UnsupportedModelError(f"{name} has no `.config`; pdcompile takes a transformers PreTrainedModel.")
+    if getattr(config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(
+            f"{name} is an encoder-decoder model; pdcompile supports decoder-only causal LMs "
+            "(AutoModelForCausalLM) only."
+        )
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in ("input_ids", "attention_mask", "position_ids", "past_key_values") if p not in params]
+    if missing:
+        raise UnsupportedModelError(
+            f"{name}.forward does not accept {missing}; pdcompile needs a causal LM whose forward takes "
+            "input_ids, attention_mask, position_ids and past_key_values."
+        )
+
+
+@torch.no_grad()
+def probe_geometry(model: torch.nn.Module) -> CacheGeometry:
+    """Run the model once on two tokens and record what it stores in the cache."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([[1, 2]], device=device)
+    cache = _ProbeCache()
+    try:
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    except (AttributeError, NotImplementedError, ValueError, TypeError) as e:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} does not run with a standard key/value cache ({type(e).__name__}: {e}). "
+            "pdcompile supports decoder-only models whose layers store keys and values through "
+            "Cache.update (Llama, Mistral, Qwen, Phi, GPT-2 families and the like); recurrent or "
+            "linear-attention layers are not supported."
+        ) from e
+    layers = []
+    dtype = None
+    for i, layer in enumerate(cache.layers):
+        if not isinstance(layer, _ProbeLayer) or layer.shapes is None:
+            raise UnsupportedModelError(
+                f"{type(model).__name__}: layer {i} did not store keys/values through Cache.update; "
+                "models with non-attention layers (recurrent, linear attention) are not supported."
+            )
+        kshape, vshape, dtype = layer.shapes
+        layers.append(LayerGeometry(kv_heads=kshape[1], head_dim=kshape[3], v_head_dim=vshape[3]))
+    if not layers:
+        raise UnsupportedModelError(f"{type(model).__name__} never wrote to the KV cache; nothing to capture.")
+    expected = getattr(model.config, "num_hidden_layers", len(layers))
+    if len(layers) != expected:
+        raise UnsupportedModelError(
+            f"{type(model).__name__} wrote {len(layers)} cache layers but has {expected} hidden layers; "
+            "cross-layer KV sharing is not supported."
+        )
+    return CacheGeometry(layers=tuple(layers), dtype=dtype)
+
+
+def _flat_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """`ep.module()` with plain positional placeholders and no pytree / guard wrappers."""
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph._codegen = torch.fx.graph.CodeGen()
+    out = graph.output_node()
+    if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:
+        out.args = (out.args[0][0],)
+    graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+class _attn_implementation:
+    """Temporarily switch the model to SDPA attention (what the passes match), then restore."""
+
+    def __init__(self, model, impl: str):
+        self.model, self.impl = model, impl
+
+    def __enter__(self):
+        self.prev = getattr(self.model.config, "_attn_implementation", None)
+        if self.prev != self.impl:
+            try:
+                self.model.set_attn_implementation(self.impl)
+            except (ValueError, ImportError, AttributeError) as e:
+                logger.warning(
+                    "%s does not support %s attention (%s); capturing its %s attention. "
+                    "Attention passes will not match it.",
+                    type(self.model).__name__, self.impl, e, self.prev,
+                )
+        return self
+
+    def __exit__(self, *exc):
+        if self.prev is not None and getattr(self.model.config, "_attn_implementation", None) != self.prev:
+            self.model.set_attn_implementation(self.prev)
+
+
+def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: int, max_seq_len: int):
+    device = next(model.parameters()).device
+    # Example sizes: distinct primes so no dynamic dim is mistaken for another.
+    b, s, t = 3, 5, 23
+    caches = geometry.allocate(b, t, device)
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
+    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
+    cap = torch.export.Dim("capacity", min=2, max=max(max_seq_len, 3))
+    cache_dims = tuple({0: batch, 2: cap} for _ in caches)
+    ids = torch.ones(b, s, dtype=torch.long, device=device)
+    if phase == "decode":
+        module = DecodeModule(model, geometry.num_layers)
+        args = (ids[:, :1], torch.tensor([7, 5, 3], device=device), *caches)
+        dims = ({0: batch}, {0: batch}, cache_dims)
+    else:
+        cls = PrefillModule if phase == "prefill" else ScoreModule
+        module = cls(model, geometry.num_layers)
+        args = (ids, torch.tensor([4, 2, 0], device=device), *caches)
+        dims = ({0: batch, 1: seq}, {0: batch}, cache_dims)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ep = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
+    gm = _flat_graph_module(ep)
+    logger.info("captured %s graph: %d nodes in %.1f s", phase, len(gm.graph.nodes), time.perf_counter() - t0)
+    return gm
+
+
+class _capture_mode:
+    """eval() + SDPA attention for the duration of a capture; the model is left as it was."""
+
+    def __init__(self, model):
+        self.model = model
+        self.attn = _attn_implementation(model, "sdpa")
+
+    def __enter__(self):
+        check_supported(self.model)
+        self.was_training = self.model.training
+        self.model.eval()
+        self.attn.__enter__()
+
+    def __exit__(self, *exc):
+        self.attn.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def capture(model: torch.nn.Module, max_batch_size: int, max_seq_len: int) -> CapturedModel:
+    """Export the prefill and decode graphs of ``model`` (see the module docstring)."""
+    timings: dict[str, float] = {}
+    with _capture_mode(model):
+        t0 = time.perf_counter()
+        geometry = probe_geometry(model)
+        timings["probe"] = time.perf_counter() - t0
+        graphs = {}
+        for phase in ("prefill", "decode"):
+            t0 = time.perf_counter()
+            graphs[phase] = _export_phase(model, phase, geometry, max_batch_size, max_seq_len)
+            timings[f"export_{phase}"] = time.perf_counter() - t0
+    return CapturedModel(prefill=graphs["prefill"], decode=graphs["decode"], geometry=geometry, timings=timings)
+
+
+def capture_score(model: torch.nn.Module, max_batch_size: int, max_seq_len: int, geometry: CacheGeometry):
+    """The all-position-logits prefill graph (``ScoreModule``), captured on demand."""
+    with _capture_mode(model):
+        return _export_phase(model, "score", geometry, max_batch_size, max_seq_len)

@@ -1,0 +1,285 @@
+"""The generate() loop: HF semantics, one prefill call and one decode call per token.
+
+The loop is ours (not GenerationMixin's) so that a decode step is a single graph
+call plus a handful of tensor ops: no per-step input preparation, no mask
+concatenation, no cache object bookkeeping. What it must reproduce from HF:
+
+* a GenerationConfig (the model's, or the one passed) updated by the kwargs;
+* ``max_length`` counts the (padded) prompt, ``max_new_tokens`` takes precedence;
+* ``eos_token_id`` (one or several): a finished row keeps emitting ``pad_token_id``;
+  ``pad_token_id`` defaults to the first eos id;
+* logits processors in HF's order (penalties, length constraints, then the sampling
+  warpers temperature, top-k, top-p, min-p, typical, epsilon, eta);
+* sampling by ``torch.multinomial`` on the softmax, so ``torch.manual_seed`` makes it
+  reproducible; greedy by ``argmax``;
+* streamers: the prompt first, then each new token, then ``end()``;
+* ``return_dict_in_generate`` with ``scores`` / ``logits``.
+
+Anything else (beam search, assisted decoding, ...) is listed by
+:func:`unsupported_features` and the caller decides what to do with it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+from transformers.generation import (
+    GenerateDecoderOnlyOutput,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+)
+from transformers.generation import logits_process as lp
+from transformers.generation.configuration_utils import GenerationMode
+
+logger = logging.getLogger(__name__)
+
+# Model kwargs generate() accepts besides the GenerationConfig fields.
+_MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache", "position_ids"}
+
+
+def resolve_config(base: GenerationConfig, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict]:
+    """HF's rule: copy the given (or the model's) config, apply kwargs that name config fields."""
+    config = copy.deepcopy(generation_config if generation_config is not None else base)
+    model_kwargs = config.update(**kwargs)
+    return config, model_kwargs
+
+
+def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: dict) -> list[str]:
+    """Names of what this loop does not implement; empty when the compiled path serves the call."""
+    found = []
+    mode = config.get_generation_mode(extra.get("assistant_model"))
+    if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        found.append(f"generation mode {mode.value!r}")
+    checks = {
+        "guidance_scale": lambda v: v not in (None, 1, 1.0),
+        "sequence_bias": lambda v: v is not None,
+        "exponential_decay_length_penalty": lambda v: v is not None,
+        "watermarking_config": lambda v: v is not None,
+        "top_h": lambda v: v is not None,
+        "renormalize_logits": lambda v: bool(v),
+        "stop_strings": lambda v: v is not None,
+        "output_attentions": lambda v: bool(v),
+        "output_hidden_states": lambda v: bool(v),
+        "dola_layers": lambda v: v is not None,
+        "prompt_lookup_num_tokens": lambda v: v is not None,
+        "token_healing": lambda v: bool(v),
+    }
+    for name, active in checks.items():
+        if active(getattr(config, name, None)):
+            found.append(name)
+    for name, value in extra.items():
+        if value is not None:
+            found.append(name)
+    for name in model_kwargs:
+        if name not in _MODEL_KWARGS:
+            found.append(name)
+    if model_kwargs.get("use_cache") is False:
+        found.append("use_cache=False")
+    return found
+
+
+def _tensor_or_none(value, device) -> torch.Tensor | None:
+    if value is None:
+        return None
+    t = torch.as_tensor(value, dtype=torch.long, device=device)
+    return t.reshape(-1)
+
+
+def build_logits_processor(
+    config: GenerationConfig,
+    prompt_len: int,
+    attention_mask: torch.Tensor,
+    eos: torch.Tensor | None,
+    user: LogitsProcessorList | None,
+    device,
+) -> LogitsProcessorList:
+    """The processors HF's GenerationMixin would build for the supported options, same order."""
+    procs = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        padding = (attention_mask != 0).int().argmax(dim=1)
+        procs.append(lp.RepetitionPenaltyLogitsProcessor(config.repetition_penalty, prompt_ignore_length=padding))
+    if config.no_repeat_ngram_size is not None and config.no_repeat_ngram_size > 0:
+        procs.append(lp.NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.bad_words_ids is not None:
+        procs.append(lp.NoBadWordsLogitsProcessor(config.bad_words_ids, eos))
+    if config.min_length is not None and eos is not None and config.min_length > 0:
+        procs.append(lp.MinLengthLogitsProcessor(config.min_length, eos, device=device))
+    if config.min_new_tokens is not None and eos is not None and config.min_new_tokens > 0:
+        procs.append(lp.MinNewTokensLengthLogitsProcessor(prompt_len, config.min_new_tokens, eos, device=device))
+    if config.forced_bos_token_id is not None:
+        procs.append(lp.ForcedBOSTokenLogitsProcessor(config.forced_bos_token_id))
+    if config.forced_eos_token_id is not None:
+        procs.append(lp.ForcedEOSTokenLogitsProcessor(config.max_length, config.forced_eos_token_id, device=device))
+    if config.remove_invalid_values is True:
+        procs.append(lp.InfNanRemoveLogitsProcessor())
+    if config.suppress_tokens is not None:
+        procs.append(lp.SuppressTokensLogitsProcessor(config.suppress_tokens, device=device))
+    if config.begin_suppress_tokens is not None:
+        procs.append(lp.SuppressTokensAtBeginLogitsProcessor(config.begin_suppress_tokens, prompt_len, device=device))
+    if user:
+        procs.extend(user)
+    if config.do_sample:
+        keep = 1
+        if config.temperature is not None and config.temperature != 1.0:
+            procs.append(lp.TemperatureLogitsWarper(config.temperature))
+        if config.top_k is not None and config.top_k != 0:
+            procs.append(lp.TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=keep))
+        if config.top_p is not None and config.top_p < 1.0:
+            procs.append(lp.TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=keep))
+        if config.min_p is not None:
+            procs.append(lp.MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=keep))
+        if config.typical_p is not None and config.typical_p < 1.0:
+            procs.append(lp.TypicalLogitsWarper(mass=config.typical_p, min_tokens_to_keep=keep))
+        if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
+            procs.append(lp.EpsilonLogitsWarper(epsilon=config.epsilon_cutoff, min_tokens_to_keep=keep))
+        if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
+            procs.append(lp.EtaLogitsWarper(epsilon=config.eta_cutoff, min_tokens_to_keep=keep, device=device))
+    return procs
+
+
+@dataclass
+class GenerationTimings:
+    """Wall-clock of the last generate() call: prefill (TTFT) and each decode step."""
+
+    ttft_s: float = 0.0
+    decode_s: tuple[float, ...] = ()
+
+    @property
+    def tpot_s(self) -> float:
+        """Median decode step time (seconds per output token after the first)."""
+        if not self.decode_s:
+            return float("nan")
+        s = sorted(self.decode_s)
+        return s[len(s) // 2]
+
+
+def pack_left_padded(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Left-padded [B, L] prompts -> right-padded [B, S] prompts, lengths [B].
+
+    Raises on masks that are not left padding (holes, right padding): HF's decoder-only
+    generation is only defined for left padding, and guessing would change outputs.
+    """
+    batch, width = input_ids.shape
+    mask = attention_mask.to(torch.bool)
+    lengths = mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        row = int((lengths == 0).nonzero()[0, 0])
+        raise ValueError(f"row {row} of the batch is an empty prompt (attention_mask all zeros); every prompt needs at least one token")
+    cols = torch.arange(width, device=input_ids.device)
+    expected = cols.unsqueeze(0) >= (width - lengths).unsqueeze(1)
+    if not torch.equal(mask, expected):
+        raise ValueError(
+            "attention_mask is not left padding (zeros then ones in every row). Decoder-only generation needs "
+            "left-padded batches: set tokenizer.padding_side = 'left'."
+        )
+    seq = int(lengths.max())
+    start = (width - lengths).unsqueeze(1)
+    idx = (start + torch.arange(seq, device=input_ids.device).unsqueeze(0)).clamp(max=width - 1)
+    return input_ids.gather(1, idx), lengths
+
+
+def run_generate(
+    runner,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    config: GenerationConfig,
+    logits_processor: LogitsProcessorList | None = None,
+    stopping_criteria: StoppingCriteriaList | None = None,
+    streamer=None,
+    timings: GenerationTimings | None = None,
+):
+    """Greedy or sampled generation over the runner's prefill and decode graphs."""
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    if config.max_new_tokens is not None:
+        max_new = config.max_new_tokens
+        config.max_length = prompt_len + max_new
+    else:
+        max_new = config.max_length - prompt_len
+    if max_new < 1:
+        logger.warning(
+            "input length %d >= max_length %d: generating one token. Set max_new_tokens instead.",
+            prompt_len, config.max_length,
+        )
+        max_new = 1
+
+    eos = _tensor_or_none(config.eos_token_id, device)
+    pad = config.pad_token_id
+    if pad is None and eos is not None:
+        if batch > 1:
+            logger.warning("Setting pad_token_id to eos_token_id:%d for open-end generation.", int(eos[0]))
+        pad = int(eos[0])
+    if isinstance(pad, (list, tuple)):
+        pad = pad[0]
+
+    ids_rp, lengths = pack_left_padded(input_ids, attention_mask)
+    runner.check_request(batch, int(lengths.max()), max_new)
+    procs = build_logits_processor(config, prompt_len, attention_mask, eos, logits_processor, device)
+    want_scores = config.return_dict_in_generate and config.output_scores
+    want_logits = config.return_dict_in_generate and config.output_logits
+    scores, raw_logits = [], []
+
+    seq = torch.empty(batch, prompt_len + max_new, dtype=input_ids.dtype, device=device)
+    seq[:, :prompt_len] = input_ids
+    cur = prompt_len
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    caches = runner.allocate(batch, int(lengths.max()) + max_new)
+    # Token emission times: TTFT is the first minus the start, TPOT the gaps between them
+    # (whole steps: graph call, processors, sampling, bookkeeping).
+    emitted = []
+    t0 = time.perf_counter()
+    logits = runner.prefill(ids_rp, lengths - 1, caches)
+    pos = lengths.clone()
+    deadline = time.perf_counter() + config.max_time if config.max_time is not None else None
+    for step in range(max_new):
+        next_logits = logits.to(torch.float32)
+        next_scores = procs(seq[:, :cur], next_logits) if procs else next_logits
+        if want_scores:
+            scores.append(next_scores)
+        if want_logits:
+            raw_logits.append(next_logits)
+        if config.do_sample:
+            probs = torch.softmax(next_scores, dim=-1)
+            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+        else:
+            next_tokens = torch.argmax(next_scores, dim=-1)
+        if eos is not None:
+            next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
+        seq[:, cur] = next_tokens
+        cur += 1
+        emitted.append(time.perf_counter())
+        if streamer is not None:
+            streamer.put(next_tokens.cpu())
+        if eos is not None:
+            unfinished &= ~torch.isin(next_tokens, eos)
+        if stopping_criteria:
+            unfinished &= ~stopping_criteria(seq[:, :cur], tuple(scores) if want_scores else None)
+        if step == max_new - 1 or not bool(unfinished.any()):
+            break
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        logits = runner.decode(next_tokens.unsqueeze(1), pos, caches)
+        pos += 1
+    if timings is not None:
+        timings.ttft_s = emitted[0] - t0
+        timings.decode_s = tuple(b - a for a, b in zip(emitted, emitted[1:]))
+    if streamer is not None:
+        streamer.end()
+
+    sequences = seq[:, :cur]
+    if config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(scores) if want_scores else None,
+            logits=tuple(raw_logits) if want_logits else None,
+            past_key_values=None,
+        )
+    return sequences

@@ -1,0 +1,83 @@
+"""Canonical ``pdcompile::`` operators that the passes insert and every backend lowers.
+
+``pdcompile::attention`` is the one attention the product knows about. It never takes a
+mask tensor; which keys a query may see is described by positions instead:
+
+* ``q_pos is None``: causal attention of a prompt that starts at position 0
+  (prefill). Query ``i`` sees keys ``0..i``. Lowers to SDPA with ``is_causal=True``,
+  whose tiled kernels skip the fully masked tiles.
+* ``q_pos`` of shape ``[B]``: query ``i`` of row ``b`` sits at position
+  ``q_pos[b] + i`` and sees keys ``0..q_pos[b] + i`` of its own row (decode, where
+  ``Sq == 1``, and a pruned prefill that keeps one query per row).
+
+``window > 0`` additionally hides keys more than ``window - 1`` positions behind the
+query (sliding-window attention). ``k``/``v`` may have fewer heads than ``q``
+(grouped-query attention); they are never repeated in memory.
+
+Each backend lowers the op through :func:`attention_reference` (a plain aten
+decomposition), so eager, inductor, ONNX and TensorRT all see the same math.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["attention", "attention_reference", "DECOMPOSITIONS"]
+
+
+def _visible(q_pos: torch.Tensor, sq: int, sk: int, window: int) -> torch.Tensor:
+    # [B, 1, Sq, Sk] bool: key j visible to query i of row b.
+    qi = q_pos.view(-1, 1, 1, 1) + torch.arange(sq, device=q_pos.device).view(1, 1, sq, 1)
+    kj = torch.arange(sk, device=q_pos.device).view(1, 1, 1, sk)
+    keep = kj <= qi
+    if window > 0:
+        keep = keep & (qi - kj < window)
+    return keep
+
+
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    # Grouped-query attention: repeat kv heads only inside the math fallback, where the
+    # kernel needs equal head counts. repeat_interleave matches HF's repeat_kv order.
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return k, v
+    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """The op's semantics in aten ops; also its decomposition for every backend."""
+    k, v = _expand_kv(q, k, v)
+    if q_pos is None and window == 0:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if q_pos is None:
+        q_pos = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    mask = _visible(q_pos, q.shape[2], k.shape[2], window)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@torch.library.custom_op("pdcompile::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    return attention_reference(q, k, v, q_pos, scale, window)
+
+
+@attention.register_fake
+def _(q, k, v, q_pos, scale, window=0):
+    return q.new_empty(q.shape[:-1] + (v.shape[-1],))
+
+
+# Decomposition table handed to inductor / run_decompositions / the ONNX exporter.
+DECOMPOSITIONS = {torch.ops.pdcompile.attention.default: attention_reference}

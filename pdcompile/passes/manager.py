@@ -1,0 +1,132 @@
+"""Runs a pipeline of graph passes over one phase graph.
+
+Everything that is the same for every pass lives here: skipping disabled passes,
+timing and logging, dead-code elimination + lint + recompile after each pass,
+refreshing the fake-tensor metadata the next pass reads, graph dumps when
+``PDCOMPILE_DUMP_DIR`` names a folder, the cost estimate for the report, and
+re-raising a failure with the pass's name and the passes that ran before it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from ..config import PassConfig
+
+logger = logging.getLogger(__name__)
+
+DUMP_ENV = "PDCOMPILE_DUMP_DIR"
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """What a pass did: the graph module (changed in place), how many sites it rewrote,
+    and a sentence for the report (what matched, or why nothing did)."""
+
+    gm: torch.fx.GraphModule
+    matches: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class GraphPass:
+    name: str
+    fn: Callable[[torch.fx.GraphModule], PassResult]
+    doc: str = ""
+
+
+@dataclass
+class PassRecord:
+    name: str
+    status: str  # "applied" | "no match" | "disabled"
+    matches: int = 0
+    detail: str = ""
+    nodes_before: int = 0
+    nodes_after: int = 0
+    seconds: float = 0.0
+    cost_before: dict = field(default_factory=dict)
+    cost_after: dict = field(default_factory=dict)
+
+
+class PassError(RuntimeError):
+    pass
+
+
+def cleanup(gm: torch.fx.GraphModule) -> None:
+    """DCE (in-place cache writes are impure and stay), lint, recompile."""
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+
+
+def refresh_meta(gm: torch.fx.GraphModule) -> None:
+    """Recompute node.meta['val'] (fake tensors, symbolic shapes) after a rewrite."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta.get("val") for n in placeholders]
+    mode = torch._guards.detect_fake_mode(vals)
+    if mode is None:
+        return
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
+
+
+def _dump(gm: torch.fx.GraphModule, phase: str, index: int, name: str, when: str) -> None:
+    folder = os.environ.get(DUMP_ENV)
+    if not folder:
+        return
+    path = Path(folder) / phase
+    path.mkdir(parents=True, exist_ok=True)
+    (path / f"{index:02d}_{name}_{when}.txt").write_text(gm.print_readable(print_output=False, include_stride=False))
+
+
+def run_pipeline(
+    gm: torch.fx.GraphModule,
+    pipeline: list[GraphPass],
+    config: PassConfig,
+    phase: str,
+    cost_fn: Callable[[torch.fx.GraphModule], dict] | None = None,
+) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
+    """Apply ``pipeline`` in order; return the graph and one record per pass."""
+    from ..cost import estimate_cost
+
+    cost_fn = cost_fn or (lambda g: estimate_cost(g, phase))
+    records: list[PassRecord] = []
+    done: list[str] = []
+    _dump(gm, phase, 0, "captured", "graph")
+    for i, gpass in enumerate(pipeline, start=1):
+        if not config.enabled(gpass.name):
+            records.append(PassRecord(gpass.name, "disabled"))
+            logger.info("[%s] %s: disabled", phase, gpass.name)
+            continue
+        rec = PassRecord(gpass.name, "no match", nodes_before=len(gm.graph.nodes), cost_before=cost_fn(gm))
+        t0 = time.perf_counter()
+        try:
+            result = gpass.fn(gm)
+            gm = result.gm
+            cleanup(gm)
+            refresh_meta(gm)
+        except Exception as e:
+            before = ", ".join(done) if done else "none"
+            raise PassError(f"pass {gpass.name!r} failed on the {phase} graph (passes run before it: {before}): {e}") from e
+        rec.seconds = time.perf_counter() - t0
+        rec.matches, rec.detail = result.matches, result.detail
+        rec.status = "applied" if result.matches else "no match"
+        rec.nodes_after = len(gm.graph.nodes)
+        rec.cost_after = cost_fn(gm)
+        records.append(rec)
+        done.append(gpass.name)
+        _dump(gm, phase, i, gpass.name, "after")
+        logger.info(
+            "[%s] %s: %s, %d match(es), %d -> %d nodes, %.2f s%s",
+            phase, gpass.name, rec.status, rec.matches, rec.nodes_before, rec.nodes_after, rec.seconds,
+            f" ({rec.detail})" if rec.detail else "",
+        )
+    return gm, records
