@@ -313,8 +313,9 @@ def _flat_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule
     if isinstance(out.args[0], (tuple, list)) and len(out.args[0]) == 1:
         out.args = (out.args[0][0],)
     graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    # A plain GraphModule: ep.module() carries hooks (lambdas) that make inductor's
+    # FX-graph cache unable to pickle the graph, which disables warm compiles.
+    return torch.fx.GraphModule(gm, graph)
 
 
 class _attn_implementation:
@@ -353,7 +354,7 @@ def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: in
     ids = torch.ones(b, s, dtype=torch.long, device=device)
     if phase == "decode":
         module = DecodeModule(model, geometry.num_layers)
-        args = (ids[:, :1], torch.tensor([7, 5, 3], device=device), *caches)
+        args = (ids[:, :1].contiguous(), torch.tensor([7, 5, 3], device=device), *caches)
         dims = ({0: batch}, {0: batch}, cache_dims)
     else:
         cls = PrefillModule if phase == "prefill" else ScoreModule

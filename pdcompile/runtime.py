@@ -79,11 +79,12 @@ class PhaseRunner:
     def allocate(self, batch: int, total_len: int) -> list[torch.Tensor]:
         return self.geometry.allocate(batch, self.capacity_for(total_len), self.device)
 
+    # Compiled graphs assume the contiguous layouts they were traced with.
     def prefill(self, ids: torch.Tensor, last_idx: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        return self.prefill_fn(ids, last_idx, *caches)
+        return self.prefill_fn(ids.contiguous(), last_idx.contiguous(), *caches)
 
     def decode(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        return self.decode_fn(ids, pos, *caches)
+        return self.decode_fn(ids.contiguous(), pos.contiguous(), *caches)
 
 
 class PdcompileCache:
