@@ -344,8 +344,11 @@ class _attn_implementation:
 
 def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: int, max_seq_len: int):
     device = next(model.parameters()).device
-    # Example sizes: distinct primes so no dynamic dim is mistaken for another.
-    b, s, t = 3, 5, 23
+    # Example sizes: distinct values > 1 (a size-1 example would be specialised) inside the
+    # declared ranges, so that no dynamic dim is mistaken for another.
+    b = 3 if max_batch_size >= 3 else 2
+    t = min(23, max(max_seq_len, 3))
+    s = min(5, t - 1)
     caches = geometry.allocate(b, t, device)
     batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
@@ -354,12 +357,12 @@ def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: in
     ids = torch.ones(b, s, dtype=torch.long, device=device)
     if phase == "decode":
         module = DecodeModule(model, geometry.num_layers)
-        args = (ids[:, :1].contiguous(), torch.tensor([7, 5, 3], device=device), *caches)
+        args = (ids[:, :1].contiguous(), torch.arange(b, device=device) + 1, *caches)
         dims = ({0: batch}, {0: batch}, cache_dims)
     else:
         cls = PrefillModule if phase == "prefill" else ScoreModule
         module = cls(model, geometry.num_layers)
-        args = (ids, torch.tensor([4, 2, 0], device=device), *caches)
+        args = (ids, (s - 1 - torch.arange(b, device=device)).clamp(min=0), *caches)
         dims = ({0: batch, 1: seq}, {0: batch}, cache_dims)
     t0 = time.perf_counter()
     with torch.no_grad():

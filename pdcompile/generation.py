@@ -42,11 +42,38 @@ logger = logging.getLogger(__name__)
 _MODEL_KWARGS = {"input_ids", "attention_mask", "use_cache", "position_ids"}
 
 
-def resolve_config(base: GenerationConfig, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict]:
-    """HF's rule: copy the given (or the model's) config, apply kwargs that name config fields."""
-    config = copy.deepcopy(generation_config if generation_config is not None else base)
+def resolve_config(base: GenerationConfig, generation_config, kwargs: dict) -> tuple[GenerationConfig, dict, bool]:
+    """HF's precedence: kwargs > the passed config > the model's config > global defaults.
+
+    Returns the config, the kwargs that are not config fields (model inputs), and whether
+    ``max_length`` is HF's default (which means "20 new tokens", not 20 in total).
+    """
+    has_default_max_length = (
+        kwargs.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and base.max_length is None
+    )
+    config = copy.deepcopy(generation_config if generation_config is not None else GenerationConfig())
+    defaults = getattr(base, "_get_default_generation_params", None)
+    if defaults is not None:
+        config.update(**base.to_dict(), defaults_only=True, allow_custom_entries=True)
+        config.update(**defaults(), defaults_only=True)
+    elif generation_config is None:  # older transformers: the model's config is the base
+        config = copy.deepcopy(base)
     model_kwargs = config.update(**kwargs)
-    return config, model_kwargs
+    return config, model_kwargs, has_default_max_length
+
+
+def resolve_lengths(config: GenerationConfig, prompt_len: int, has_default_max_length: bool, max_positions) -> None:
+    """HF's _prepare_generated_length: turn max/min_new_tokens into total lengths."""
+    if config.max_new_tokens is not None:
+        config.max_length = config.max_new_tokens + prompt_len
+    elif has_default_max_length:  # HF: by default, 20 new tokens
+        config.max_length = config.max_length + prompt_len
+        if max_positions is not None:
+            config.max_length = min(config.max_length, max_positions)
+    if config.min_new_tokens is not None:
+        config.min_length = config.min_new_tokens + prompt_len
 
 
 def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: dict) -> list[str]:
@@ -196,11 +223,7 @@ def run_generate(
     """Greedy or sampled generation over the runner's prefill and decode graphs."""
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    if config.max_new_tokens is not None:
-        max_new = config.max_new_tokens
-        config.max_length = prompt_len + max_new
-    else:
-        max_new = config.max_length - prompt_len
+    max_new = config.max_length - prompt_len
     if max_new < 1:
         logger.warning(
             "input length %d >= max_length %d: generating one token. Set max_new_tokens instead.",

@@ -11,7 +11,14 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CacheGeometry
-from .generation import GenerationTimings, pack_left_padded, resolve_config, run_generate, unsupported_features
+from .generation import (
+    GenerationTimings,
+    pack_left_padded,
+    resolve_config,
+    resolve_lengths,
+    run_generate,
+    unsupported_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +182,7 @@ class OptimizedModel:
         negative_prompt_attention_mask=None,
         **kwargs,
     ):
-        config, model_kwargs = resolve_config(self.generation_config, generation_config, kwargs)
+        config, model_kwargs, default_max_length = resolve_config(self.generation_config, generation_config, kwargs)
         input_ids = inputs if inputs is not None else model_kwargs.get("input_ids")
         extra = {
             "assistant_model": assistant_model,
@@ -200,6 +207,7 @@ class OptimizedModel:
             attention_mask = torch.ones_like(input_ids)
         elif attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        resolve_lengths(config, input_ids.shape[1], default_max_length, getattr(self.config, "max_position_embeddings", None))
         n = config.num_return_sequences or 1
         if n > 1:
             input_ids = input_ids.repeat_interleave(n, dim=0)

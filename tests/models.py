@@ -52,3 +52,15 @@ def left_padded_batch(seed: int = 1, lengths=(11, 6, 3), vocab: int = VOCAB):
         ids[row, width - n:] = torch.randint(3, vocab, (n,), generator=g)
         mask[row, width - n:] = 1
     return ids, mask
+
+
+def word_tokenizer(vocab: int = VOCAB):
+    """A word-level tokenizer over tokens "w0".."w{vocab-1}", built locally (no downloads)."""
+    from tokenizers import Tokenizer, decoders, models as tmodels, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    tok = Tokenizer(tmodels.WordLevel(words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w2", bos_token="w1")

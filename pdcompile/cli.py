@@ -1,0 +1,166 @@
+"""Command line: ``pdcompile run | inspect | export | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+
+import torch
+
+logger = logging.getLogger("pdcompile.cli")
+
+DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+
+
+def _console():
+    try:
+        from rich.console import Console
+
+        return Console()
+    except ImportError:
+        return None
+
+
+def setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    try:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(show_path=False, log_time_format="[%X]")
+        logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=[handler])
+    except ImportError:
+        logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("pdcompile").setLevel(level)
+
+
+class _progress:
+    """A spinner naming the running stage (the stages are also logged with durations)."""
+
+    def __init__(self, console, text: str):
+        self.console, self.text = console, text
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.status = self.console.status(self.text) if self.console else None
+        if self.status:
+            self.status.__enter__()
+        else:
+            print(self.text, flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.status:
+            self.status.__exit__(*exc)
+        if exc[0] is None:
+            logger.info("%s: %.1f s", self.text, time.perf_counter() - self.t0)
+
+
+def load_model(spec: str):
+    """``smollm2`` (the embedded default), ``r1`` (random reference Llama) or a folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+
+    if spec == "smollm2":
+        return models.load_smollm2()
+    if spec == "r1":
+        return models.r1_model(), None
+    model = AutoModelForCausalLM.from_pretrained(spec, dtype="float32").eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model, tokenizer
+
+
+def encode_prompt(tokenizer, prompt: str):
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(0)
+        return {"input_ids": torch.randint(3, 32000, (1, 128), generator=g)}
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return {"input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"]}
+    return dict(tokenizer(prompt, return_tensors="pt"))
+
+
+def cmd_run(args) -> int:
+    """The main job: optimize the model, generate, compare TTFT/TPOT with HF eager."""
+    from . import optimize
+    from .timing import timed_generate
+
+    console = _console()
+    with _progress(console, f"loading model {args.model}"):
+        model, tokenizer = load_model(args.model)
+    inputs = encode_prompt(tokenizer, args.prompt)
+    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+    with _progress(console, f"pdcompile.optimize (backend={args.backend or 'default'})"):
+        fast = optimize(model, backend=args.backend)
+
+    results = {"HF eager": [], f"pdcompile ({fast.backend})": []}
+    outputs = {}
+    with _progress(console, f"generating {args.max_new_tokens} tokens, {args.repeats} rounds, interleaved"):
+        with torch.no_grad():
+            model.generate(**inputs, **gen)  # warm-up both
+            fast.generate(**inputs, **gen)
+            for _ in range(args.repeats):
+                for name, m in (("HF eager", model), (f"pdcompile ({fast.backend})", fast)):
+                    out, timer = timed_generate(m, **inputs, **gen)
+                    results[name].append((timer.ttft_s, timer.tpot_s))
+                    outputs[name] = out
+    prompt_len = inputs["input_ids"].shape[1]
+    texts = {
+        name: (tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True) if tokenizer else out[0, prompt_len:].tolist())
+        for name, out in outputs.items()
+    }
+    same = torch.equal(*outputs.values())
+    rows = []
+    for name, vals in results.items():
+        ttft = statistics.median(v[0] for v in vals) * 1e3
+        tpot = statistics.median(v[1] for v in vals) * 1e3
+        rows.append((name, ttft, tpot))
+    base_ttft, base_tpot = rows[0][1], rows[0][2]
+
+    print()
+    print(f"Prompt: {args.prompt!r} ({prompt_len} tokens)")
+    print(f"pdcompile output ({args.max_new_tokens} tokens, greedy):\n{texts[rows[1][0]]}\n")
+    print(f"Tokens identical to HF eager: {same}")
+    if console:
+        from rich.table import Table
+
+        table = Table(title=f"{args.model}: median of {args.repeats} interleaved runs, {torch.get_num_threads()} threads")
+        for col in ("system", "TTFT ms", "TPOT ms/token", "TTFT speed-up", "TPOT speed-up"):
+            table.add_column(col, justify="right" if col != "system" else "left")
+        for name, ttft, tpot in rows:
+            table.add_row(name, f"{ttft:.1f}", f"{tpot:.2f}", f"{base_ttft / ttft:.2f}x", f"{base_tpot / tpot:.2f}x")
+        console.print(table)
+    else:
+        for name, ttft, tpot in rows:
+            print(f"{name:28s} TTFT {ttft:8.1f} ms  TPOT {tpot:7.2f} ms/token  ({base_tpot / tpot:.2f}x)")
+    return 0 if same else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="pdcompile", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="optimize a model, generate, compare TTFT/TPOT with HF eager")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), r1, or a model folder")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", default=None, help="eager | inductor | onnxruntime | tensorrt (default: per device)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.set_defaults(fn=cmd_run)
+
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import models  # noqa: E402
+
+import pdcompile  # noqa: E402
+
+# Compiling is the expensive part of the suite: each (family, backend, options) is
+# optimized once per session and shared by every test that needs it.
+_CACHE: dict = {}
+
+
+def optimized(family: str, backend: str, **options):
+    key = (family, backend, tuple(sorted(options.items())))
+    if key not in _CACHE:
+        model = models.build(family)
+        _CACHE[key] = (model, pdcompile.optimize(model, backend=backend, max_seq_len=256, **options))
+    return _CACHE[key]
+
+
+@pytest.fixture
+def llama_eager():
+    return optimized("llama", "eager")
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
