@@ -304,7 +304,14 @@ def _flat_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule
     gm = ep.module()
     graph = gm.graph
     for node in list(graph.nodes):
+        # Export's input guards and dtype/device assertions: the runtime validates inputs,
+        # and these nodes would otherwise count as users that block rewrites.
         if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten.dropout.default and node.args[2] is False:
+            node.replace_all_uses_with(node.args[0])  # eval-mode dropout is the identity
             graph.erase_node(node)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")

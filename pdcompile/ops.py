@@ -35,15 +35,6 @@ def _visible(q_pos: torch.Tensor, sq: int, sk: int, window: int) -> torch.Tensor
     return keep
 
 
-def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    # Grouped-query attention: repeat kv heads only inside the math fallback, where the
-    # kernel needs equal head counts. repeat_interleave matches HF's repeat_kv order.
-    rep = q.shape[1] // k.shape[1]
-    if rep == 1:
-        return k, v
-    return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-
-
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,14 +43,18 @@ def attention_reference(
     scale: float,
     window: int = 0,
 ) -> torch.Tensor:
-    """The op's semantics in aten ops; also its decomposition for every backend."""
-    k, v = _expand_kv(q, k, v)
+    """The op's semantics in aten ops; also its decomposition for every backend.
+
+    Grouped-query attention goes through SDPA's ``enable_gqa`` (query head h reads kv head
+    h // (Hq / Hkv), HF's repeat_kv order), so kv heads are never copied.
+    """
+    gqa = q.shape[1] != k.shape[1]
     if q_pos is None and window == 0:
-        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if q_pos is None:
         q_pos = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     mask = _visible(q_pos, q.shape[2], k.shape[2], window)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 @torch.library.custom_op("pdcompile::attention", mutates_args=())

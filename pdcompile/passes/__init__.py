@@ -7,11 +7,20 @@ invariants every pass keeps.
 
 from __future__ import annotations
 
+from . import decode_attention_mask, fuse_causal_mask, prune_final_layer
 from .manager import GraphPass, PassError, PassRecord, PassResult, cleanup, refresh_meta, run_pipeline
 
-PREFILL_PIPELINE: list[GraphPass] = []
-DECODE_PIPELINE: list[GraphPass] = []
-SCORE_PIPELINE: list[GraphPass] = []
+PREFILL_PIPELINE: list[GraphPass] = [
+    fuse_causal_mask.PASS,
+    prune_final_layer.PASS,  # after the fusion: it turns causal attention into one query per row
+]
+DECODE_PIPELINE: list[GraphPass] = [
+    decode_attention_mask.PASS,
+]
+# Prefill returning every position's logits (forward() without logits_to_keep).
+SCORE_PIPELINE: list[GraphPass] = [
+    fuse_causal_mask.PASS,
+]
 
 ALL_PASSES = {p.name: p for p in PREFILL_PIPELINE + DECODE_PIPELINE + SCORE_PIPELINE}
 

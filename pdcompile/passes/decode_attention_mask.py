@@ -1,0 +1,123 @@
+"""Decode attention: HF's mask over the whole cache -> the per-row length it really is.
+
+Before (per layer, mask shared)::
+
+    pos, caches_0 --arange(T)/le/index/and/expand...--> mask[B, 1, 1, T] (bool)
+    k = reshape(expand(unsqueeze(k_cache, 2)))          # repeat_kv copies the whole cache
+    out = aten.scaled_dot_product_attention(q, k, v, mask, scale=s)
+
+After::
+
+    out = pdcompile.attention(q, k_cache, v_cache, pos, s, window)
+
+``pos[b]`` is the position of row b's new token, so keys 0..pos[b] are visible: the
+mask is two integers per row instead of a tensor the size of the cache, and the kv
+heads are read in place instead of being repeated for grouped-query attention.
+
+Deliberately NOT causal: one query against the cache is not "causal" in SDPA's sense
+(``is_causal`` would align the query with key 0 and hide the whole cache).
+
+Match: an SDPA whose ``attn_mask`` is computed only from ``pos``, the shapes of the
+inputs and constants; the mask sub-graph is evaluated on sample rows (several
+positions, one at the maximum cache length) and must equal "keys 0..pos[b]" (a
+sliding window is recognised and kept). A mask that contradicts the contract raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fuse_causal_mask import MaskContractError, _seq_upper_bound
+from .manager import GraphPass, PassResult
+from .utils import (
+    SDPA,
+    backward_slice,
+    evaluate_slice,
+    keep_mask,
+    placeholder,
+    replace_with_attention,
+    sdpa_args,
+    shape_only_placeholders,
+    slice_reads_params,
+    val,
+)
+
+NAME = "decode_attention_mask"
+
+
+def _samples(nodes: list[torch.fx.Node], capacity_max: int):
+    cases = [([0, 7, 15], 16), ([3], 9), ([capacity_max - 1, capacity_max // 2], capacity_max)]
+    for positions, capacity in cases:
+        batch = len(positions)
+        inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long), "pos": torch.tensor(positions)}
+        for node in nodes:
+            if node.op == "placeholder" and node.name not in inputs:
+                v = val(node)
+                inputs[node.name] = torch.zeros(batch, int(v.shape[1]), capacity, int(v.shape[3]), dtype=v.dtype)
+        yield inputs, positions
+
+
+def _check(keep: torch.Tensor, positions: list[int], window: int) -> str | None:
+    capacity = keep.shape[-1]
+    j = torch.arange(capacity)
+    for b, p in enumerate(positions):
+        want = (j <= p) & ((p - j < window) if window else True)
+        got = keep[b if keep.shape[0] > 1 else 0].reshape(-1, capacity)
+        if not bool((got == want).all()):
+            return f"row at position {p} of a {capacity}-slot cache keeps {int(got[0].sum())} keys, expected {int(want.sum())}"
+    return None
+
+
+def decode_attention_mask(gm: torch.fx.GraphModule) -> PassResult:
+    pos = placeholder(gm, "pos")
+    if pos is None:
+        return PassResult(gm, 0, "not a decode graph (no pos input)")
+    cache = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("caches")), None)
+    capacity_max = _seq_upper_bound(val(cache).transpose(1, 2), 512) if cache is not None else 512
+    sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
+    if not sdpas:
+        return PassResult(gm, 0, "no aten.scaled_dot_product_attention in the graph (attention is not SDPA)")
+    verdicts: dict[torch.fx.Node, int] = {}
+    declined, done = [], 0
+    for sdpa in sdpas:
+        a = sdpa_args(sdpa)
+        mask = a["attn_mask"]
+        if mask is None or a["dropout_p"] or int(val(a["query"]).shape[2]) != 1:
+            declined.append(f"{sdpa.name}: not one query against a masked cache")
+            continue
+        if mask not in verdicts:
+            nodes = backward_slice(mask)
+            values, _ = shape_only_placeholders(nodes)
+            if slice_reads_params(nodes) or not values <= {"pos"}:
+                declined.append(f"{sdpa.name}: mask depends on {sorted(values - {'pos'}) or 'weights'}")
+                verdicts[mask] = -1
+                continue
+            window, problem = 0, None
+            for inputs, positions in _samples(nodes, capacity_max):
+                keep = keep_mask(evaluate_slice(gm, mask, inputs))
+                problem = _check(keep, positions, window)
+                if problem and not window:
+                    # a sliding window shows as fewer keys for the row at the last slot
+                    row = keep[0].reshape(-1, keep.shape[-1])[0]
+                    w = int(row.sum())
+                    if w < positions[0] + 1:
+                        window = w
+                        problem = _check(keep, positions, window)
+                if problem:
+                    break
+            if problem:
+                raise MaskContractError(
+                    f"the decode attention mask feeding {sdpa.name} does not match 'keys 0..pos[b]' ({problem})"
+                )
+            verdicts[mask] = window
+        if verdicts[mask] < 0:
+            continue
+        replace_with_attention(gm, sdpa, pos, verdicts[mask])
+        done += 1
+    detail = f"{done} SDPA mask(s) -> per-row positions"
+    if declined:
+        detail += f"; declined {len(declined)}: {declined[0]}"
+    return PassResult(gm, done, detail)
+
+
+PASS = GraphPass(NAME, decode_attention_mask, __doc__)

@@ -1,0 +1,150 @@
+"""Graph helpers shared by the passes (each used by at least two of them)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+aten = torch.ops.aten
+SDPA = aten.scaled_dot_product_attention.default
+ATTENTION = torch.ops.pdcompile.attention.default
+
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+
+def sdpa_args(node: torch.fx.Node) -> dict:
+    """Arguments of an aten SDPA node by name, defaults filled in."""
+    out = dict(_SDPA_DEFAULTS)
+    out.update(zip(_SDPA_PARAMS, node.args))
+    out.update(node.kwargs)
+    return out
+
+
+def placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name == name:
+            return node
+    return None
+
+
+def val(node) -> torch.Tensor | None:
+    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+
+
+def default_scale(q: torch.fx.Node, scale) -> float:
+    return scale if scale is not None else 1.0 / math.sqrt(int(val(q).shape[-1]))
+
+
+def strip_repeat_kv(node: torch.fx.Node) -> torch.fx.Node:
+    """``reshape(expand(unsqueeze(x, 2), [B, Hkv, rep, S, D]), [B, Hkv*rep, S, D])`` -> ``x``.
+
+    That is HF's ``repeat_kv`` (grouped-query attention) as exported; the canonical
+    attention op reads the kv heads directly, so the copy it makes is dropped.
+    """
+    if node.op != "call_function" or node.target not in (aten.reshape.default, aten.view.default, aten._unsafe_view.default):
+        return node
+    expand = node.args[0]
+    if not isinstance(expand, torch.fx.Node) or expand.target is not aten.expand.default:
+        return node
+    unsq = expand.args[0]
+    if not isinstance(unsq, torch.fx.Node) or unsq.target is not aten.unsqueeze.default or unsq.args[1] != 2:
+        return node
+    src = unsq.args[0]
+    sv, ov = val(src), val(node)
+    if sv is None or ov is None or sv.dim() != 4 or ov.dim() != 4:
+        return node
+    heads, out_heads = int(sv.shape[1]), int(ov.shape[1])
+    if out_heads % heads or tuple(ov.shape[2:]) != tuple(sv.shape[2:]):
+        return node
+    return src
+
+
+def backward_slice(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """``node`` and all its ancestors, in graph order."""
+    seen: set[torch.fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return [n for n in node.graph.nodes if n in seen]
+
+
+def shape_only_placeholders(nodes: list[torch.fx.Node]) -> tuple[set[str], set[str]]:
+    """(placeholders whose values the slice reads, placeholders it reads only the shape of)."""
+    inside = set(nodes)
+    values, shapes = set(), set()
+    for n in nodes:
+        if n.op != "placeholder":
+            continue
+        users = [u for u in n.users if u in inside]
+        if users and all(u.target is aten.sym_size.int for u in users):
+            shapes.add(n.name)
+        else:
+            values.add(n.name)
+    return values, shapes
+
+
+def slice_reads_params(nodes: list[torch.fx.Node]) -> bool:
+    return any(n.op == "get_attr" for n in nodes) or any(n.op == "call_module" for n in nodes)
+
+
+def evaluate_slice(gm: torch.fx.GraphModule, out: torch.fx.Node, inputs: dict[str, torch.Tensor]):
+    """Run the sub-graph that computes ``out`` on concrete ``inputs`` (by placeholder name)."""
+    nodes = backward_slice(out)
+    graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    names = []
+    for n in nodes:
+        if n.op == "placeholder":
+            env[n] = graph.placeholder(n.name)
+            names.append(n.name)
+        else:
+            env[n] = graph.node_copy(n, lambda a: env[a])
+    graph.output(env[out])
+    sub = torch.fx.GraphModule(gm, graph)
+    return sub(*[inputs[name] for name in names])
+
+
+def keep_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A bool "may attend" mask from a bool mask or an additive float mask."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def replace_with_attention(
+    gm: torch.fx.GraphModule, sdpa: torch.fx.Node, q_pos: torch.fx.Node | None, window: int
+) -> torch.fx.Node:
+    """Swap an aten SDPA node for ``pdcompile::attention`` (kv heads read directly)."""
+    a = sdpa_args(sdpa)
+    k, v = strip_repeat_kv(a["key"]), strip_repeat_kv(a["value"])
+    with gm.graph.inserting_before(sdpa):
+        new = gm.graph.call_function(
+            ATTENTION, (a["query"], k, v, q_pos, default_scale(a["query"], a["scale"]), window)
+        )
+    new.meta.update(sdpa.meta)
+    sdpa.replace_all_uses_with(new)
+    gm.graph.erase_node(sdpa)
+    return new
+
+
+def first_visible_mismatch(
+    keep: torch.Tensor, expected: Callable[[int, int, int], bool], rows_queries: list[tuple[int, list[int]]]
+) -> str | None:
+    """Compare a [B, *, Sq, Sk] keep-mask with ``expected(b, i, j)`` on the given rows/queries."""
+    keep = keep.expand(keep.shape[0], 1, keep.shape[-2], keep.shape[-1]) if keep.dim() == 4 else keep
+    for b, queries in rows_queries:
+        row = keep[b if keep.shape[0] > 1 else 0]
+        for head in range(row.shape[0]):
+            for i in queries:
+                got = row[head, i].tolist()
+                want = [expected(b, i, j) for j in range(row.shape[-1])]
+                if got != want:
+                    return f"row {b} query {i}: keeps {[j for j, x in enumerate(got) if x]}, expected {[j for j, x in enumerate(want) if x]}"
+    return None
