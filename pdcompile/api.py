@@ -11,6 +11,7 @@ from . import capture as capture_mod
 from .backends import default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig
 from .passes import DECODE_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, run_pipeline
+from .report import OptimizeReport
 from .runtime import OptimizedModel, PhaseRunner
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,18 @@ class _Stage:
             logger.info("%s done in %.1f s", self.name, dt)
 
 
+def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_implementation: str = "sdpa"):
+    """Capture + pass pipelines, no compilation: (captured model, {phase: graph}, report)."""
+    with _Stage("capture", timings):
+        captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len, attn_implementation)
+    report = OptimizeReport(backend=config.backend or "", timings=timings)
+    graphs = {}
+    for phase, pipeline in (("prefill", PREFILL_PIPELINE), ("decode", DECODE_PIPELINE)):
+        with _Stage(f"passes[{phase}]", timings):
+            graphs[phase], report.phases[phase] = run_pipeline(getattr(captured, phase), pipeline, config.passes, phase=phase)
+    return captured, graphs, report
+
+
 def optimize(
     model,
     backend: str | None = None,
@@ -92,24 +105,18 @@ def optimize(
     compile_phase = get_backend(backend_name)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-
-    with _Stage("capture", timings):
-        captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len)
-    report = {"backend": backend_name, "phases": {}, "timings": timings}
+    captured, graphs, report = transform(model, config, seq_len, timings)
+    report.backend = backend_name
+    options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len}
     compiled = {}
-    for phase, pipeline in (("prefill", PREFILL_PIPELINE), ("decode", DECODE_PIPELINE)):
-        gm = getattr(captured, phase)
-        with _Stage(f"passes[{phase}]", timings):
-            gm, phase_report = run_pipeline(gm, pipeline, config.passes, phase=phase)
-        report["phases"][phase] = phase_report
+    for phase, gm in graphs.items():
         with _Stage(f"compile[{phase}:{backend_name}]", timings):
-            compiled[phase] = compile_phase(gm, phase, None, {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len})
+            compiled[phase] = compile_phase(gm, phase, None, options)
 
     def score_factory():
         gm = capture_mod.capture_score(model, config.cache.max_batch_size, seq_len, captured.geometry)
-        gm, phase_report = run_pipeline(gm, SCORE_PIPELINE, config.passes, phase="score")
-        report["phases"]["score"] = phase_report
-        return compile_phase(gm, "score", None, {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len})
+        gm, report.phases["score"] = run_pipeline(gm, SCORE_PIPELINE, config.passes, phase="score")
+        return compile_phase(gm, "score", None, options)
 
     timings["total"] = time.perf_counter() - t_start
     logger.info("optimize: %s backend ready in %.1f s", backend_name, timings["total"])

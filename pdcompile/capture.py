@@ -382,9 +382,9 @@ def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: in
 class _capture_mode:
     """eval() + SDPA attention for the duration of a capture; the model is left as it was."""
 
-    def __init__(self, model):
+    def __init__(self, model, attn_implementation: str = "sdpa"):
         self.model = model
-        self.attn = _attn_implementation(model, "sdpa")
+        self.attn = _attn_implementation(model, attn_implementation)
 
     def __enter__(self):
         check_supported(self.model)
@@ -397,10 +397,16 @@ class _capture_mode:
         self.model.train(self.was_training)
 
 
-def capture(model: torch.nn.Module, max_batch_size: int, max_seq_len: int) -> CapturedModel:
-    """Export the prefill and decode graphs of ``model`` (see the module docstring)."""
+def capture(
+    model: torch.nn.Module, max_batch_size: int, max_seq_len: int, attn_implementation: str = "sdpa"
+) -> CapturedModel:
+    """Export the prefill and decode graphs of ``model`` (see the module docstring).
+
+    ``attn_implementation`` is the HF attention the graphs are captured with; the passes
+    match SDPA ("sdpa"), anything else is captured as is and left alone.
+    """
     timings: dict[str, float] = {}
-    with _capture_mode(model):
+    with _capture_mode(model, attn_implementation):
         t0 = time.perf_counter()
         geometry = probe_geometry(model)
         timings["probe"] = time.perf_counter() - t0

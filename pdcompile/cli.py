@@ -17,9 +17,12 @@ DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
 
 def _console():
     try:
+        import shutil
+
         from rich.console import Console
 
-        return Console()
+        # wide enough for the report table when the output is a pipe or a log
+        return Console(width=max(shutil.get_terminal_size((160, 24)).columns, 160))
     except ImportError:
         return None
 
@@ -144,6 +147,52 @@ def cmd_run(args) -> int:
     return 0 if same else 1
 
 
+def print_report(report, console) -> None:
+    if console is None:
+        print(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"pdcompile passes (cost at batch {report.shape['batch']}, prompt {report.shape['prompt']}, "
+                        f"cache {report.shape['capacity']})")
+    for col in ("phase", "pass", "status", "matches", "nodes", "FLOPs", "bytes", "s", "detail"):
+        table.add_column(col, overflow="fold")
+    for r in report.rows():
+        table.add_row(r["phase"], r["pass"], r["status"], str(r["matches"]), r["nodes"], r["flops"], r["bytes"],
+                      r["seconds"], r["detail"])
+    console.print(table)
+    for line in report.summary():
+        console.print(line)
+
+
+def cmd_inspect(args) -> int:
+    """Capture + passes (no compilation); print what each pass did; optionally dump graphs."""
+    import json
+    import os
+
+    from .api import _resolve_config, transform
+    from .config import CacheConfig, OptimizeConfig, PassConfig
+
+    if args.dump:
+        os.environ["PDCOMPILE_DUMP_DIR"] = args.dump
+    console = _console()
+    with _progress(console, f"loading model {args.model}"):
+        model, _ = load_model(args.model)
+    config = OptimizeConfig(backend="eager", cache=CacheConfig(max_seq_len=args.max_seq_len),
+                            passes=PassConfig(disabled=frozenset(args.disable)))
+    config, seq_len = _resolve_config(model, config, None, None, None, None)
+    with _progress(console, "capture + passes"):
+        _, _, report = transform(model, config, seq_len, {})
+    report.backend = "-"
+    print_report(report, console)
+    if args.dump:
+        print(f"graphs before/after every pass: {args.dump}/<phase>/")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report.to_dict(), f, indent=2, default=str)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pdcompile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -156,6 +205,14 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help="eager | inductor | onnxruntime | tensorrt (default: per device)")
     p.add_argument("--repeats", type=int, default=3)
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("inspect", help="show what each graph pass does to a model (no compilation)")
+    p.add_argument("model", nargs="?", default="smollm2", help="smollm2 (default), r1, or a model folder")
+    p.add_argument("--dump", metavar="DIR", help="write every graph before/after each pass under DIR")
+    p.add_argument("--disable", nargs="*", default=[], metavar="PASS", help="passes to switch off")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.set_defaults(fn=cmd_inspect)
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
