@@ -107,7 +107,7 @@ def optimize(
     t_start = time.perf_counter()
     captured, graphs, report = transform(model, config, seq_len, timings)
     report.backend = backend_name
-    options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len}
+    options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len, "device": device}
     compiled = {}
     for phase, gm in graphs.items():
         with _Stage(f"compile[{phase}:{backend_name}]", timings):

@@ -76,3 +76,34 @@ def _(q, k, v, q_pos, scale, window=0):
 
 # Decomposition table handed to inductor / run_decompositions / the ONNX exporter.
 DECOMPOSITIONS = {torch.ops.pdcompile.attention.default: attention_reference}
+
+
+def attention_grouped(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """The op in plain matmul/softmax, for exporters (ONNX) without a GQA attention.
+
+    Query heads are regrouped under their kv head (``[B, Hkv, rep * Sq, D]``) instead of
+    repeating k/v, so a decode step never copies the cache: HF's head order is
+    h = kv * rep + r, which is exactly that reshape.
+    """
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    rep = hq // hkv
+    qg = q.reshape(b, hkv, rep * sq, d)
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, rep*Sq, Sk]
+    start = q_pos.view(-1, 1) if q_pos is not None else torch.zeros(1, 1, dtype=torch.long, device=q.device)
+    qi = start + torch.arange(sq, device=q.device).view(1, -1)  # [B|1, Sq] absolute query positions
+    qi = qi.unsqueeze(1).expand(-1, rep, -1).reshape(qi.shape[0], rep * sq)  # row r*Sq + i
+    kj = torch.arange(sk, device=q.device).view(1, 1, -1)
+    keep = kj <= qi.unsqueeze(-1)
+    if window > 0:
+        keep = keep & (qi.unsqueeze(-1) - kj < window)
+    scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, rep*Sq, Dv]
+    return out.reshape(b, hq, sq, v.shape[-1])

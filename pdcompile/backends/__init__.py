@@ -18,6 +18,7 @@ import torch
 _BACKENDS: dict[str, str] = {
     "eager": "pdcompile.backends.eager:compile_phase",
     "inductor": "pdcompile.backends.inductor:compile_phase",
+    "onnxruntime": "pdcompile.backends.onnxruntime:compile_phase",
 }
 
 
