@@ -88,22 +88,22 @@ def attention_grouped(
 ) -> torch.Tensor:
     """The op in plain matmul/softmax, for exporters (ONNX) without a GQA attention.
 
-    Query heads are regrouped under their kv head (``[B, Hkv, rep * Sq, D]``) instead of
-    repeating k/v, so a decode step never copies the cache: HF's head order is
-    h = kv * rep + r, which is exactly that reshape.
+    Query heads are split under their kv head (``[B, Hkv, rep, Sq, D]``; HF's head order
+    is h = kv * rep + r) and k/v get a broadcast axis instead of being repeated, so a
+    decode step never copies the cache. Only static axes are split or merged, which
+    keeps the symbolic prompt length out of every reshape.
     """
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     rep = hq // hkv
-    qg = q.reshape(b, hkv, rep * sq, d)
-    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [B, Hkv, rep*Sq, Sk]
-    start = q_pos.view(-1, 1) if q_pos is not None else torch.zeros(1, 1, dtype=torch.long, device=q.device)
-    qi = start + torch.arange(sq, device=q.device).view(1, -1)  # [B|1, Sq] absolute query positions
-    qi = qi.unsqueeze(1).expand(-1, rep, -1).reshape(qi.shape[0], rep * sq)  # row r*Sq + i
+    q5 = q.view(b, hkv, rep, sq, d)
+    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * scale  # [B, Hkv, rep, Sq, Sk]
+    start = q_pos.view(-1, 1, 1) if q_pos is not None else torch.zeros(1, 1, 1, dtype=torch.long, device=q.device)
+    qi = start + torch.arange(sq, device=q.device).view(1, -1, 1)  # [B|1, Sq, 1] query positions
     kj = torch.arange(sk, device=q.device).view(1, 1, -1)
-    keep = kj <= qi.unsqueeze(-1)
+    keep = kj <= qi
     if window > 0:
-        keep = keep & (qi.unsqueeze(-1) - kj < window)
-    scores = scores.masked_fill(~keep.unsqueeze(1), float("-inf"))
-    out = torch.matmul(torch.softmax(scores, dim=-1), v)  # [B, Hkv, rep*Sq, Dv]
+        keep = keep & (qi - kj < window)
+    scores = scores.masked_fill(~keep.view(keep.shape[0], 1, 1, sq, sk), float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v.unsqueeze(2))  # [B, Hkv, rep, Sq, Dv]
     return out.reshape(b, hq, sq, v.shape[-1])

@@ -175,8 +175,8 @@ def test_decode_attention_mask(family):
 # ------------------------------------------------------------------ manager and report
 
 def test_pipelines_are_explicit_ordered_lists():
-    assert [p.name for p in PREFILL_PIPELINE] == ["fuse_causal_mask", "prune_final_layer"]
-    assert [p.name for p in DECODE_PIPELINE] == ["decode_attention_mask"]
+    assert [p.name for p in PREFILL_PIPELINE] == ["remove_noops", "fuse_causal_mask", "prune_final_layer"]
+    assert [p.name for p in DECODE_PIPELINE] == ["remove_noops", "decode_attention_mask"]
 
 
 def test_disable_pass_by_name_and_report():

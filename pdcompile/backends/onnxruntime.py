@@ -19,14 +19,13 @@ Execution providers: TensorRT, CUDA, then CPU, whichever this onnxruntime build 
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..ops import attention_grouped
-from .program import export_program
+from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +43,56 @@ def _require_ort():
     return onnxruntime
 
 
-def export_onnx(gm: torch.fx.GraphModule, phase: str, path: Path, max_batch_size: int, max_seq_len: int) -> list[str]:
-    """Write the phase as an ONNX model at ``path``; returns the output names."""
+def onnx_program(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int):
+    """The phase as a ``torch.onnx.ONNXProgram`` with outputs ``logits, present_0, ...``."""
     _require_ort()
+    gm = copy_graph_module(gm)
+    # Lower the canonical attention by tracing its ONNX-friendly decomposition during the
+    # re-export (cheaper than a separate run_decompositions pass over the whole program).
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.pdcompile.attention.default:
+            node.target = attention_grouped
+    gm.recompile()
     ep = export_program(gm, phase, max_batch_size, max_seq_len, functional=True)
-    ep = ep.run_decompositions({torch.ops.pdcompile.attention.default: attention_grouped})
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
-    prog = torch.onnx.export(ep, dynamo=True, optimize=True, output_names=outputs)
+    # optimize=False: ONNX Runtime's own graph optimizer runs when the session loads;
+    # only the identity transposes the exporter puts in front of ScatterND go now, so that
+    # each cache input visibly feeds its in-place write (see OrtPhase._check_aliasing).
+    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
+    _drop_identity_transposes(prog.model_proto.graph)
+    return prog
+
+
+def _drop_identity_transposes(graph) -> None:
+    rename = {}
+    keep = []
+    for node in graph.node:
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if node.op_type == "Transpose" and perm == list(range(len(perm))):
+            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
+        else:
+            keep.append(node)
+    if not rename:
+        return
+    outputs = {o.name for o in graph.output}
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for name in rename:
+        if name in outputs:  # a graph output cannot be renamed away: keep an Identity
+            keep.append(__import__("onnx").helper.make_node("Identity", [rename[name]], [name]))
+    del graph.node[:]
+    graph.node.extend(keep)
+
+
+def export_onnx(gm: torch.fx.GraphModule, phase: str, path: Path, max_batch_size: int, max_seq_len: int) -> None:
+    """Write the phase as an ONNX model file at ``path``."""
+    prog = onnx_program(gm, phase, max_batch_size, max_seq_len)
     size = sum(p.numel() * p.element_size() for p in gm.parameters())
     # protobuf caps a file at 2 GB: larger models keep their weights in a side file
     prog.save(str(path), external_data=size > 1_500_000_000)
-    return outputs
 
 
 def providers(device: torch.device) -> list[str]:
@@ -74,28 +111,32 @@ def providers(device: torch.device) -> list[str]:
 class OrtPhase:
     """Callable running one ONNX phase model: ``(ids, idx, *caches) -> logits``."""
 
-    def __init__(self, path: Path, device: torch.device, threads: int | None = None):
+    def __init__(self, model, device: torch.device, threads: int | None = None):
+        """``model``: an ONNX file path, or an in-memory ``onnx.ModelProto``."""
+        import onnx
+
         ort = _require_ort()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.path = Path(path)
         self.device = device
-        self.session = ort.InferenceSession(str(path), opts, providers=providers(device))
+        if isinstance(model, (str, Path)):
+            source = str(model)
+            proto = onnx.load(source, load_external_data=False)
+        else:
+            proto, source = model, model.SerializeToString()
+        self.session = ort.InferenceSession(source, opts, providers=providers(device))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._check_aliasing()
+        self._check_aliasing(proto)
         self._binding = None
         self._bound_key = None
         dev = self.device
         self._ort_device = ("cuda", dev.index or 0) if dev.type == "cuda" else ("cpu", 0)
 
-    def _check_aliasing(self):
+    def _check_aliasing(self, model):
         """Each cache input must feed only its ScatterND, or writing in place would be unsafe."""
-        import onnx
-
-        model = onnx.load(str(self.path), load_external_data=False)
         consumers: dict[str, list[str]] = {}
         for node in model.graph.node:
             for name in node.input:
@@ -153,9 +194,7 @@ class OrtPhase:
 
 
 def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict) -> OrtPhase:
-    folder = options.get("workdir") or tempfile.mkdtemp(prefix="pdcompile-onnx-")
-    path = Path(folder) / f"{phase}.onnx"
-    export_onnx(gm, phase, path, options["max_batch_size"], options["max_seq_len"])
-    return OrtPhase(path, options.get("device", torch.device("cpu")))
+    prog = onnx_program(gm, phase, options["max_batch_size"], options["max_seq_len"])
+    return OrtPhase(prog.model_proto, options.get("device", torch.device("cpu")))
 
 

@@ -7,18 +7,21 @@ invariants every pass keeps.
 
 from __future__ import annotations
 
-from . import decode_attention_mask, fuse_causal_mask, prune_final_layer
+from . import decode_attention_mask, fuse_causal_mask, prune_final_layer, remove_noops
 from .manager import GraphPass, PassError, PassRecord, PassResult, cleanup, refresh_meta, run_pipeline
 
 PREFILL_PIPELINE: list[GraphPass] = [
+    remove_noops.PASS,
     fuse_causal_mask.PASS,
     prune_final_layer.PASS,  # after the fusion: it turns causal attention into one query per row
 ]
 DECODE_PIPELINE: list[GraphPass] = [
+    remove_noops.PASS,
     decode_attention_mask.PASS,
 ]
 # Prefill returning every position's logits (forward() without logits_to_keep).
 SCORE_PIPELINE: list[GraphPass] = [
+    remove_noops.PASS,
     fuse_causal_mask.PASS,
 ]
 
