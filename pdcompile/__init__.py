@@ -6,6 +6,7 @@
 
 from . import ops  # noqa: F401  (registers the pdcompile:: operators)
 from .api import default_max_seq_len, optimize
+from .bundle import BundleError, export, load
 from .capture import UnsupportedModelError
 from .config import CacheConfig, OptimizeConfig, PassConfig
 from .runtime import CapacityError, OptimizedModel
@@ -13,6 +14,7 @@ from .runtime import CapacityError, OptimizedModel
 __version__ = "0.1.0"
 
 __all__ = [
+    "BundleError", "export", "load",
     "CacheConfig", "CapacityError", "OptimizeConfig", "OptimizedModel", "PassConfig",
     "UnsupportedModelError", "default_max_seq_len", "optimize", "__version__",
 ]

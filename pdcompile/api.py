@@ -127,5 +127,5 @@ def optimize(
     )
     return OptimizedModel(
         runner, model.config, model.generation_config, original_model=model,
-        report=report, score_factory=score_factory, backend=backend_name,
+        report=report, score_factory=score_factory, backend=backend_name, graphs=graphs,
     )

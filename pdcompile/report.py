@@ -30,6 +30,12 @@ class OptimizeReport:
             return {}
         return recs[0].cost_before if when == "before" else recs[-1].cost_after
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "OptimizeReport":
+        phases = {p: [PassRecord(**r) for r in recs] for p, recs in d.get("phases", {}).items()}
+        return cls(backend=d.get("backend", ""), phases=phases, timings=d.get("timings_s", {}),
+                   shape=d.get("shape", dict(REPORT_SHAPE)))
+
     def to_dict(self) -> dict:
         return {
             "backend": self.backend,

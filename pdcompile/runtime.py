@@ -130,8 +130,10 @@ class OptimizedModel:
         report=None,
         score_factory: Callable[[], Callable] | None = None,
         backend: str = "",
+        graphs: dict | None = None,
     ):
         self.runner = runner
+        self.graphs = graphs  # the transformed phase graphs, for pdcompile.export()
         self.config = config
         self.generation_config = generation_config
         self.original_model = original_model

@@ -1,8 +1,11 @@
 """Inductor backend: C++/OpenMP kernels on CPU, Triton on GPU.
 
-The phase graph is compiled with ``torch._inductor.compile_fx`` (AOT-autograd
-functionalises it, so the in-place cache writes become in-place kernels again after
-inductor's re-inplacing). ``pdcompile::`` ops are decomposed to aten first.
+In process, the phase graph is compiled with ``torch._inductor.compile_fx``
+(AOT-autograd functionalises it; inductor's re-inplacing turns the cache writes back
+into in-place kernels). For bundles, the phase is compiled ahead of time into an
+AOTInductor package (``.pt2``: generated C++ compiled to a shared library with the
+weights inside), which loads without recompiling and without Python pickles.
+``pdcompile::`` ops are decomposed to aten in both paths.
 """
 
 from __future__ import annotations
@@ -25,3 +28,34 @@ def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options:
     with torch.no_grad():  # an inference graph: no autograd partitioning
         compiled = compile_fx(gm, fake_inputs, decompositions=decomps)
     return compiled
+
+
+def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    from ..ops import attention_reference
+    from .program import copy_graph_module
+
+    gm = copy_graph_module(gm)
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.pdcompile.attention.default:
+            node.target = attention_reference  # traced into aten SDPA by the export
+    gm.recompile()
+    return gm
+
+
+def save_phase(gm: torch.fx.GraphModule, phase: str, folder, options: dict) -> dict:
+    """AOTInductor package ``<phase>.pt2`` in ``folder``."""
+    from pathlib import Path
+
+    from .program import export_program
+
+    ep = export_program(_with_reference_attention(gm), phase, options["max_batch_size"], options["max_seq_len"])
+    name = f"{phase}.pt2"
+    with torch.no_grad():
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(folder) / name))
+    return {"files": [name]}
+
+
+def load_phase(folder, entry: dict, device: torch.device):
+    from pathlib import Path
+
+    return torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0]))

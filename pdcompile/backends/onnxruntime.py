@@ -43,8 +43,8 @@ def _require_ort():
     return onnxruntime
 
 
-def onnx_program(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int):
-    """The phase as a ``torch.onnx.ONNXProgram`` with outputs ``logits, present_0, ...``."""
+def onnx_model(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int):
+    """The phase as an ``onnx.ModelProto`` with outputs ``logits, present_0, ...``."""
     _require_ort()
     gm = copy_graph_module(gm)
     # Lower the canonical attention by tracing its ONNX-friendly decomposition during the
@@ -59,9 +59,9 @@ def onnx_program(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_
     # optimize=False: ONNX Runtime's own graph optimizer runs when the session loads;
     # only the identity transposes the exporter puts in front of ScatterND go now, so that
     # each cache input visibly feeds its in-place write (see OrtPhase._check_aliasing).
-    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
-    _drop_identity_transposes(prog.model_proto.graph)
-    return prog
+    proto = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs).model_proto
+    _drop_identity_transposes(proto.graph)
+    return proto
 
 
 def _drop_identity_transposes(graph) -> None:
@@ -89,10 +89,14 @@ def _drop_identity_transposes(graph) -> None:
 
 def export_onnx(gm: torch.fx.GraphModule, phase: str, path: Path, max_batch_size: int, max_seq_len: int) -> None:
     """Write the phase as an ONNX model file at ``path``."""
-    prog = onnx_program(gm, phase, max_batch_size, max_seq_len)
+    import onnx
+
+    proto = onnx_model(gm, phase, max_batch_size, max_seq_len)
     size = sum(p.numel() * p.element_size() for p in gm.parameters())
     # protobuf caps a file at 2 GB: larger models keep their weights in a side file
-    prog.save(str(path), external_data=size > 1_500_000_000)
+    big = size > 1_500_000_000
+    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=path.name + ".data" if big else None)
 
 
 def providers(device: torch.device) -> list[str]:
@@ -193,8 +197,21 @@ class OrtPhase:
         return tail
 
 
+def save_phase(gm: torch.fx.GraphModule, phase: str, folder, options: dict) -> dict:
+    """``<phase>.onnx`` (and ``<phase>.onnx.data`` for models over 1.5 GB) in ``folder``."""
+    name = f"{phase}.onnx"
+    path = Path(folder) / name
+    export_onnx(gm, phase, path, options["max_batch_size"], options["max_seq_len"])
+    files = [name] + ([name + ".data"] if (Path(folder) / (name + ".data")).exists() else [])
+    return {"files": files}
+
+
+def load_phase(folder, entry: dict, device: torch.device) -> OrtPhase:
+    return OrtPhase(Path(folder) / entry["files"][0], device)
+
+
 def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict) -> OrtPhase:
-    prog = onnx_program(gm, phase, options["max_batch_size"], options["max_seq_len"])
-    return OrtPhase(prog.model_proto, options.get("device", torch.device("cpu")))
+    proto = onnx_model(gm, phase, options["max_batch_size"], options["max_seq_len"])
+    return OrtPhase(proto, options.get("device", torch.device("cpu")))
 
 
