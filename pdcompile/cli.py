@@ -193,6 +193,23 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Optimize a model and write it as a bundle of engines."""
+    from . import export, optimize
+
+    console = _console()
+    with _progress(console, f"loading model {args.model}"):
+        model, tokenizer = load_model(args.model)
+    with _progress(console, "capture + passes"):
+        # The in-process backend is irrelevant here: eager skips a compile the bundle redoes.
+        fast = optimize(model, backend="eager", max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
+    with _progress(console, f"lowering to {args.backend} and writing {args.out}"):
+        path = export(fast, args.out, backend=args.backend, tokenizer=tokenizer, overwrite=args.overwrite)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"wrote {path} ({size / 1e6:.1f} MB); load it with pdcompile.load({str(path)!r})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pdcompile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -213,6 +230,15 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(fn=cmd_inspect)
+
+    p = sub.add_parser("export", help="optimize a model and write its engines as a bundle")
+    p.add_argument("model", help="smollm2, r1, or a model folder")
+    p.add_argument("out", help="bundle folder to write")
+    p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | inductor | tensorrt")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_export)
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

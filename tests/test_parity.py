@@ -17,7 +17,7 @@ def _batch(batch: int):
     return models.left_padded_batch(lengths=(9,)) if batch == 1 else models.left_padded_batch(lengths=(11, 6, 3))
 
 
-@pytest.mark.parametrize("backend", ["eager", "inductor"])
+@pytest.mark.parametrize("backend", ["eager", "inductor", "onnxruntime"])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("family", sorted(models.FAMILIES))
 def test_greedy_parity(family, batch, backend):

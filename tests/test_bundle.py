@@ -1,0 +1,155 @@
+"""pdcompile.export / pdcompile.load: round trip in a fresh process, corruption, no pickle."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import models
+import pdcompile
+from conftest import optimized
+
+HERE = os.path.dirname(__file__)
+KW = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
+
+
+@pytest.fixture(scope="module", params=["onnxruntime", "inductor"])
+def bundle(request, tmp_path_factory):
+    model, fast = optimized("qwen2", "eager")
+    path = tmp_path_factory.mktemp("bundles") / f"qwen2-{request.param}.pdc"
+    pdcompile.export(fast, path, backend=request.param, tokenizer=models.word_tokenizer())
+    return request.param, model, path
+
+
+def test_load_in_fresh_process_same_tokens(bundle):
+    backend, model, path = bundle
+    ids, mask = models.left_padded_batch()
+    ref = model.generate(input_ids=ids, attention_mask=mask, **KW)
+    script = (
+        "import json, sys, torch, pdcompile\n"
+        f"sys.path.insert(0, {HERE!r})\n"
+        "import models\n"
+        "ids, mask = models.left_padded_batch()\n"
+        f"m = pdcompile.load({str(path)!r})\n"
+        "assert m.original_model is None\n"
+        f"out = m.generate(input_ids=ids, attention_mask=mask, **{KW!r})\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert torch.equal(out, ref)
+
+
+def test_bundle_contents(bundle):
+    backend, model, path = bundle
+    manifest = json.loads((path / "manifest.json").read_text())
+    ext = {"onnxruntime": ".onnx", "inductor": ".pt2"}[backend]
+    assert manifest["backend"] == backend and manifest["format_version"] == 1
+    assert {"prefill" + ext, "decode" + ext, "config.json", "tokenizer.json"} <= set(manifest["files"])
+    assert manifest["versions"]["torch"] == torch.__version__
+    assert manifest["cache"]["layers"][0] == {"kv_heads": 2, "head_dim": 16, "v_head_dim": 16}
+    assert manifest["phases"]["decode"]["inputs"][1]["name"] == "pos"
+    assert not any(f.endswith((".pkl", ".pt", ".bin", ".pth")) for f in manifest["files"])
+    # the tokenizer saved in the bundle loads with transformers as usual
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(path).convert_tokens_to_ids(["w5", "w6"]) == [5, 6]
+
+
+def test_load_never_unpickles(bundle, monkeypatch):
+    backend, model, path = bundle
+
+    def forbidden(*a, **k):
+        raise AssertionError("bundle loading must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    real_torch_load = torch.load
+
+    def torch_load(*a, **k):
+        if not k.get("weights_only", False):
+            raise AssertionError("torch.load without weights_only=True while loading a bundle")
+        return real_torch_load(*a, **k)
+
+    monkeypatch.setattr(torch, "load", torch_load)
+    m = pdcompile.load(path)
+    ids, mask = models.left_padded_batch()
+    out = m.generate(input_ids=ids, attention_mask=mask, **KW)
+    assert out.shape == (3, ids.shape[1] + 24)
+
+
+def _copy(path, tmp_path):
+    import shutil
+
+    dst = tmp_path / "copy.pdc"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def test_corrupted_engine_file(bundle, tmp_path):
+    backend, model, path = bundle
+    dst = _copy(path, tmp_path)
+    engine = next(f for f in dst.iterdir() if f.name.startswith("decode."))
+    data = bytearray(engine.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    engine.write_bytes(bytes(data))
+    with pytest.raises(pdcompile.BundleError, match=rf"{engine.name} does not match its sha256"):
+        pdcompile.load(dst)
+
+
+def test_truncated_and_missing_files(bundle, tmp_path):
+    backend, model, path = bundle
+    dst = _copy(path, tmp_path)
+    engine = next(f for f in dst.iterdir() if f.name.startswith("prefill."))
+    engine.write_bytes(engine.read_bytes()[:100])
+    with pytest.raises(pdcompile.BundleError, match="bytes, the manifest says"):
+        pdcompile.load(dst)
+    engine.unlink()
+    with pytest.raises(pdcompile.BundleError, match=f"{engine.name} is missing"):
+        pdcompile.load(dst)
+
+
+def test_bad_manifest(bundle, tmp_path):
+    backend, model, path = bundle
+    dst = _copy(path, tmp_path)
+    mf = dst / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    mf.write_text(mf.read_text()[:-20])
+    with pytest.raises(pdcompile.BundleError, match="not valid JSON"):
+        pdcompile.load(dst)
+    mf.write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(pdcompile.BundleError, match="format version 99 is newer"):
+        pdcompile.load(dst)
+    mf.unlink()
+    with pytest.raises(pdcompile.BundleError, match="manifest.json is missing"):
+        pdcompile.load(dst)
+
+
+def test_incompatible_torch_version(bundle, tmp_path):
+    backend, model, path = bundle
+    if backend != "inductor":
+        pytest.skip("only AOTInductor packages are tied to the torch version; ONNX models are not")
+    dst = _copy(path, tmp_path)
+    mf = dst / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    manifest["versions"]["torch"] = "2.9.0+cpu"
+    mf.write_text(json.dumps(manifest))
+    with pytest.raises(pdcompile.BundleError, match="compiled with torch 2.9.0"):
+        pdcompile.load(dst)
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    model, fast = optimized("qwen2", "eager")
+    with pytest.raises(ValueError, match="eager backend runs Python graphs and has no engine"):
+        pdcompile.export(fast, tmp_path / "x", backend="eager")
+    with pytest.raises(TypeError, match="takes the model returned by pdcompile.optimize"):
+        pdcompile.export(model, tmp_path / "y")
+    (tmp_path / "z").mkdir()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        pdcompile.export(fast, tmp_path / "z")
