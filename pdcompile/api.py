@@ -114,7 +114,7 @@ def optimize(
             compiled[phase] = compile_phase(gm, phase, None, options)
 
     def score_factory():
-        gm = capture_mod.capture_score(model, config.cache.max_batch_size, seq_len, captured.geometry)
+        gm = capture_mod.capture_phase(model, "score", config.cache.max_batch_size, seq_len, captured.geometry)
         gm, report.phases["score"] = run_pipeline(gm, SCORE_PIPELINE, config.passes, phase="score")
         return compile_phase(gm, "score", None, options)
 

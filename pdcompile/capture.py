@@ -85,10 +85,11 @@ class _CaptureLayer(CacheLayerMixin):
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor | None):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, pos: torch.Tensor | None, extend: bool = False):
         super().__init__()
         self.keys, self.values = keys, values
-        self.pos = pos  # None in prefill, [B] positions in decode
+        self.pos = pos  # None in prefill; [B] position of the (first) new token in decode/extend
+        self.extend = extend
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # tensors are given
@@ -102,6 +103,12 @@ class _CaptureLayer(CacheLayerMixin):
             self.values.index_copy_(2, idx, value_states)
             return key_states, value_states
         rows = torch.arange(key_states.shape[0], device=key_states.device)
+        if self.extend:
+            # S new tokens of row b go to slots pos[b] .. pos[b] + S - 1
+            slots = self.pos.unsqueeze(1) + torch.arange(key_states.shape[2], device=key_states.device)
+            self.keys[rows.unsqueeze(1), :, slots] = key_states.transpose(1, 2)
+            self.values[rows.unsqueeze(1), :, slots] = value_states.transpose(1, 2)
+            return self.keys, self.values
         self.keys[rows, :, self.pos] = key_states[:, :, 0]
         self.values[rows, :, self.pos] = value_states[:, :, 0]
         return self.keys, self.values
@@ -207,6 +214,42 @@ class ScoreModule(PrefillModule):
             use_cache=True,
         )
         return out.logits
+
+
+class ExtendModule(torch.nn.Module):
+    """Extend: S new tokens per row after a cache that already holds positions 0..start[b]-1.
+
+    ``extend(input_ids[B, S], start[B], last_idx[B], *caches) -> logits[B, V]``: token i
+    of row b is at position start[b] + i, is written to that slot, and attends to slots
+    0..start[b] + i of its row. Serves prefix-cache continuation (and chunked prefill);
+    rows with fewer new tokens are right-padded, their padding never read.
+    The mask is handed to HF ready-made (4-D), because HF's own masks assume one query
+    offset for the whole batch.
+    """
+
+    def __init__(self, model: torch.nn.Module, num_layers: int):
+        super().__init__()
+        self.model = model
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, start, last_idx, *caches):
+        batch, seq = input_ids.shape
+        capacity = caches[0].shape[2]
+        positions = start.unsqueeze(1) + torch.arange(seq, device=input_ids.device).unsqueeze(0)
+        slots = torch.arange(capacity, device=input_ids.device)
+        attention_mask = (slots.view(1, 1, 1, -1) <= positions.view(batch, 1, seq, 1))
+        cache = _CaptureCache(
+            [_CaptureLayer(caches[2 * i], caches[2 * i + 1], start, extend=True) for i in range(self.num_layers)]
+        )
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        rows = torch.arange(batch, device=input_ids.device)
+        return out.logits[rows, last_idx]
 
 
 class DecodeModule(torch.nn.Module):
@@ -366,6 +409,11 @@ def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: in
         module = DecodeModule(model, geometry.num_layers)
         args = (ids[:, :1].contiguous(), torch.arange(b, device=device) + 1, *caches)
         dims = ({0: batch}, {0: batch}, cache_dims)
+    elif phase == "extend":
+        module = ExtendModule(model, geometry.num_layers)
+        start = torch.arange(b, device=device) + 2  # start + s stays inside the example capacity
+        args = (ids, start, (s - 1 - torch.arange(b, device=device)).clamp(min=0), *caches)
+        dims = ({0: batch, 1: seq}, {0: batch}, {0: batch}, cache_dims)
     else:
         cls = PrefillModule if phase == "prefill" else ScoreModule
         module = cls(model, geometry.num_layers)
@@ -418,7 +466,10 @@ def capture(
     return CapturedModel(prefill=graphs["prefill"], decode=graphs["decode"], geometry=geometry, timings=timings)
 
 
-def capture_score(model: torch.nn.Module, max_batch_size: int, max_seq_len: int, geometry: CacheGeometry):
-    """The all-position-logits prefill graph (``ScoreModule``), captured on demand."""
+def capture_phase(
+    model: torch.nn.Module, phase: str, max_batch_size: int, max_seq_len: int, geometry: CacheGeometry
+) -> torch.fx.GraphModule:
+    """One more phase graph on demand: "score" (prefill returning every position's logits)
+    or "extend" (new tokens after a cached prefix)."""
     with _capture_mode(model):
-        return _export_phase(model, "score", geometry, max_batch_size, max_seq_len)
+        return _export_phase(model, phase, geometry, max_batch_size, max_seq_len)

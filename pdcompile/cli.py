@@ -210,6 +210,38 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    """TTFT / TPOT / throughput of pdcompile and the peers, with the physical floor."""
+    from . import bench
+
+    console = _console()
+    spec = "r1" if args.preset == "r1" else args.model
+    with _progress(console, f"loading model {spec}"):
+        model, _ = load_model(spec)
+    cfg = bench.BenchConfig(
+        model=spec, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+        backends=tuple(args.backends), peers=tuple(args.peers), passes_off=not args.no_passes_off,
+        sweep_prompts=tuple(args.sweep) if args.sweep else (),
+        position_tokens=args.position_tokens,
+        max_seq_len=min(args.max_seq_len, _model_limit(model)),
+    )
+    data = bench.run(model, cfg, progress=lambda m: logger.info(m))
+    out = args.json or f"bench-{spec.replace('/', '_')}.json"
+    bench.save_json(data, out)
+    print(bench.markdown_table(data))
+    print(f"\nresults: {out}")
+    if args.plot:
+        bench.plot(data, args.plot)
+        print(f"plots: {args.plot}")
+    return 0
+
+
+def _model_limit(model) -> int:
+    from .api import default_max_seq_len
+
+    return default_max_seq_len(model.config)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pdcompile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -239,6 +271,23 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("bench", help="TTFT/TPOT/throughput against HF and the physical floor")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default) or a model folder")
+    p.add_argument("--preset", choices=["r1"], help="r1: the reference random Llama (55M params, fp32)")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backends", nargs="*", default=["onnxruntime", "inductor", "eager"])
+    p.add_argument("--peers", nargs="*", default=["hf-eager", "hf-static-compile", "exporters-onnx"])
+    p.add_argument("--no-passes-off", action="store_true", help="skip the passes-off variant")
+    p.add_argument("--sweep", nargs="*", type=int, default=[32, 64, 128, 256, 512, 1024, 2048],
+                   help="prompt lengths for the TTFT plot (none: skip)")
+    p.add_argument("--position-tokens", type=int, default=256, help="tokens generated for the TPOT-by-position plot")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--plot", metavar="PNG")
+    p.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

@@ -14,6 +14,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 REPORT_SHAPE = {"batch": 1, "prompt": 128, "capacity": 256}
+PAGE = 16  # block size the example paged inputs use
 
 _aten = torch.ops.aten
 _MATMUL = {_aten.mm.default, _aten.bmm.default, _aten.matmul.default}
@@ -84,10 +85,27 @@ def example_inputs(gm: torch.fx.GraphModule, phase: str, batch: int, prompt: int
         val = node.meta["val"]
         if node.name == "input_ids":
             seq = 1 if phase == "decode" else prompt
+            if phase == "extend":
+                capacity = max(capacity, 2 * prompt)
             inputs.append(torch.zeros(batch, seq, dtype=val.dtype, device=device))
-        elif node.name in ("last_idx", "pos"):
+        elif node.name in ("last_idx", "pos", "start"):
+            # extend: a prompt-long chunk after a prompt-long cached prefix
             v = prompt - 1 if node.name == "last_idx" else prompt
             inputs.append(torch.full((batch,), v, dtype=val.dtype, device=device))
+        elif node.name == "block_table":  # paged: row b owns blocks 1 + b*M .. (block 0: scratch)
+            per_row = -(-capacity // PAGE)
+            inputs.append(1 + torch.arange(batch * per_row, device=device).view(batch, per_row))
+        elif node.name == "slot_mapping":
+            per_row = -(-capacity // PAGE)
+            start = prompt if phase in ("decode", "extend") else 0
+            width = 1 if phase == "decode" else prompt
+            pos = start + torch.arange(width, device=device)
+            slots = (1 + torch.arange(batch, device=device).view(-1, 1) * per_row) * PAGE + pos.view(1, -1)
+            inputs.append(slots.view(batch) if phase == "decode" else slots)
+        elif node.name.startswith("pool_"):  # paged: [num_blocks, block_size, H, D]
+            blocks = 1 + batch * -(-capacity // PAGE)
+            inputs.append(torch.zeros(blocks, int(val.shape[1]), int(val.shape[2]), int(val.shape[3]),
+                                      dtype=val.dtype, device=device))
         else:  # a cache tensor [B, H, T, D]
             shape = (batch, int(val.shape[1]), capacity, int(val.shape[3]))
             inputs.append(torch.zeros(shape, dtype=val.dtype, device=device))

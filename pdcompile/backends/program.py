@@ -31,7 +31,7 @@ def dynamic_shapes(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, ma
             continue
         if node.name == "input_ids":
             shapes.append({0: batch, 1: seq} if phase != "decode" else {0: batch})
-        elif node.name in ("last_idx", "pos"):
+        elif node.name in ("last_idx", "pos", "start"):
             shapes.append({0: batch})
         else:
             shapes.append({0: batch, 2: cap})

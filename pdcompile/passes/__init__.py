@@ -19,15 +19,21 @@ DECODE_PIPELINE: list[GraphPass] = [
     remove_noops.PASS,
     decode_attention_mask.PASS,
 ]
+# New tokens after a cached prefix (prefix caching; later chunked prefill, speculative verify).
+EXTEND_PIPELINE: list[GraphPass] = [
+    remove_noops.PASS,
+    decode_attention_mask.PASS,  # S queries against the cache: keys 0..start[b] + i
+    prune_final_layer.PASS,
+]
 # Prefill returning every position's logits (forward() without logits_to_keep).
 SCORE_PIPELINE: list[GraphPass] = [
     remove_noops.PASS,
     fuse_causal_mask.PASS,
 ]
 
-ALL_PASSES = {p.name: p for p in PREFILL_PIPELINE + DECODE_PIPELINE + SCORE_PIPELINE}
+ALL_PASSES = {p.name: p for p in PREFILL_PIPELINE + DECODE_PIPELINE + EXTEND_PIPELINE + SCORE_PIPELINE}
 
 __all__ = [
-    "ALL_PASSES", "DECODE_PIPELINE", "GraphPass", "PREFILL_PIPELINE", "PassError", "PassRecord",
+    "ALL_PASSES", "DECODE_PIPELINE", "EXTEND_PIPELINE", "GraphPass", "PREFILL_PIPELINE", "PassError", "PassRecord",
     "PassResult", "SCORE_PIPELINE", "cleanup", "refresh_meta", "run_pipeline",
 ]

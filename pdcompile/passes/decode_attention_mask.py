@@ -1,4 +1,4 @@
-"""Decode attention: HF's mask over the whole cache -> the per-row length it really is.
+"""Decode (and extend) attention: HF's mask over the whole cache -> the per-row length it really is.
 
 Before (per layer, mask shared)::
 
@@ -16,6 +16,9 @@ heads are read in place instead of being repeated for grouped-query attention.
 
 Deliberately NOT causal: one query against the cache is not "causal" in SDPA's sense
 (``is_causal`` would align the query with key 0 and hide the whole cache).
+
+The extend graph (S new tokens after a cached prefix, input ``start``) is the same
+rewrite with S queries: query i of row b sees keys 0..start[b] + i.
 
 Match: an SDPA whose ``attn_mask`` is computed only from ``pos``, the shapes of the
 inputs and constants; the mask sub-graph is evaluated on sample rows (several
@@ -45,11 +48,15 @@ from .utils import (
 NAME = "decode_attention_mask"
 
 
-def _samples(nodes: list[torch.fx.Node], capacity_max: int):
-    cases = [([0, 7, 15], 16), ([3], 9), ([capacity_max - 1, capacity_max // 2], capacity_max)]
+def _samples(nodes: list[torch.fx.Node], pos_name: str, queries: int, capacity_max: int):
+    cases = [([0, 7, 12], 16), ([3], 9), ([capacity_max - queries, capacity_max // 2], capacity_max)]
     for positions, capacity in cases:
         batch = len(positions)
-        inputs = {"input_ids": torch.zeros(batch, 1, dtype=torch.long), "pos": torch.tensor(positions)}
+        inputs = {
+            "input_ids": torch.zeros(batch, queries, dtype=torch.long),
+            pos_name: torch.tensor(positions),
+            "last_idx": torch.full((batch,), queries - 1),
+        }
         for node in nodes:
             if node.op == "placeholder" and node.name not in inputs:
                 v = val(node)
@@ -58,20 +65,24 @@ def _samples(nodes: list[torch.fx.Node], capacity_max: int):
 
 
 def _check(keep: torch.Tensor, positions: list[int], window: int) -> str | None:
-    capacity = keep.shape[-1]
-    j = torch.arange(capacity)
+    capacity, queries = keep.shape[-1], keep.shape[-2]
+    j = torch.arange(capacity).view(1, -1)
     for b, p in enumerate(positions):
-        want = (j <= p) & ((p - j < window) if window else True)
-        got = keep[b if keep.shape[0] > 1 else 0].reshape(-1, capacity)
+        qi = p + torch.arange(queries).view(-1, 1)
+        want = (j <= qi) & ((qi - j < window) if window else True)  # [Sq, T]
+        got = keep[b if keep.shape[0] > 1 else 0].reshape(-1, queries, capacity)
         if not bool((got == want).all()):
-            return f"row at position {p} of a {capacity}-slot cache keeps {int(got[0].sum())} keys, expected {int(want.sum())}"
+            return f"row at position {p} of a {capacity}-slot cache keeps {int(got[0, 0].sum())} keys, expected {int(want[0].sum())}"
     return None
 
 
 def decode_attention_mask(gm: torch.fx.GraphModule) -> PassResult:
-    pos = placeholder(gm, "pos")
+    pos = placeholder(gm, "pos") or placeholder(gm, "start")
     if pos is None:
-        return PassResult(gm, 0, "not a decode graph (no pos input)")
+        return PassResult(gm, 0, "not a decode or extend graph (no pos/start input)")
+    queries = 1
+    if pos.name == "start":  # extend: evaluate with a few new tokens per row
+        queries = 4
     cache = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("caches")), None)
     capacity_max = _seq_upper_bound(val(cache).transpose(1, 2), 512) if cache is not None else 512
     sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
@@ -82,23 +93,23 @@ def decode_attention_mask(gm: torch.fx.GraphModule) -> PassResult:
     for sdpa in sdpas:
         a = sdpa_args(sdpa)
         mask = a["attn_mask"]
-        if mask is None or a["dropout_p"] or int(val(a["query"]).shape[2]) != 1:
-            declined.append(f"{sdpa.name}: not one query against a masked cache")
+        if mask is None or a["dropout_p"] or (pos.name == "pos" and int(val(a["query"]).shape[2]) != 1):
+            declined.append(f"{sdpa.name}: not queries against a masked cache")
             continue
         if mask not in verdicts:
             nodes = backward_slice(mask)
             values, _ = shape_only_placeholders(nodes)
-            if slice_reads_params(nodes) or not values <= {"pos"}:
-                declined.append(f"{sdpa.name}: mask depends on {sorted(values - {'pos'}) or 'weights'}")
+            if slice_reads_params(nodes) or not values <= {pos.name, "last_idx"}:
+                declined.append(f"{sdpa.name}: mask depends on {sorted(values - {pos.name}) or 'weights'}")
                 verdicts[mask] = -1
                 continue
             window, problem = 0, None
-            for inputs, positions in _samples(nodes, capacity_max):
+            for inputs, positions in _samples(nodes, pos.name, queries, capacity_max):
                 keep = keep_mask(evaluate_slice(gm, mask, inputs))
                 problem = _check(keep, positions, window)
                 if problem and not window:
                     # a sliding window shows as fewer keys for the row at the last slot
-                    row = keep[0].reshape(-1, keep.shape[-1])[0]
+                    row = keep[0].reshape(-1, keep.shape[-1])[0]  # first query of the first row
                     w = int(row.sum())
                     if w < positions[0] + 1:
                         window = w
@@ -107,7 +118,7 @@ def decode_attention_mask(gm: torch.fx.GraphModule) -> PassResult:
                     break
             if problem:
                 raise MaskContractError(
-                    f"the decode attention mask feeding {sdpa.name} does not match 'keys 0..pos[b]' ({problem})"
+                    f"the cached attention mask feeding {sdpa.name} does not match 'keys 0..{pos.name}[b] + i' ({problem})"
                 )
             verdicts[mask] = window
         if verdicts[mask] < 0:

@@ -291,9 +291,9 @@ def prune_final_layer(gm: torch.fx.GraphModule) -> PassResult:
                         )
                 else:
                     q, k, v, q_pos, scale, window = (list(node.args) + [0])[:6]
-                    if q_pos is not None:
-                        return PassResult(gm, 0, "attention already has query positions")
-                    new = graph.call_function(ATTENTION, (mapped(q), k, v, last_idx, scale, window))
+                    # the kept query is number last_idx[b] of the chunk: position q_pos[b] + last_idx[b]
+                    kept = last_idx if q_pos is None else graph.call_function(aten.add.Tensor, (q_pos, last_idx))
+                    new = graph.call_function(ATTENTION, (mapped(q), k, v, kept, scale, window))
             else:
                 new = graph.call_function(node.target, tuple(_map_args(node.args, mapped)), _map_kwargs(node.kwargs, mapped))
             env[node] = new

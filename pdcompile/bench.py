@@ -1,0 +1,397 @@
+"""``pdcompile bench``: TTFT, TPOT, throughput against the peers and the physical limit.
+
+Everything runs in one process. Systems are prepared once (capture + compile, timed),
+then measured interleaved -- round r runs every system once before round r+1 -- after
+a warm-up, and medians over rounds are reported, so machine noise hits all systems
+alike. The physical floor is measured on the spot:
+
+* memory bandwidth: streaming read (``sum``) of a buffer 16x the last-level cache;
+  decode floor = bytes a step must read (weights + the KV cache so far) / bandwidth;
+* fp32 matmul throughput: the best of a few large GEMMs;
+  prefill floor = FLOPs of the *unpruned* prefill (every layer on every prompt
+  position, lm_head on the last) / throughput.
+
+Systems: pdcompile on each backend that runs here, and the peers of
+:mod:`pdcompile.peers` (HF eager generate, HF static cache + torch.compile, the ONNX
+Runtime path of ``transformers.exporters``). Every system's greedy tokens are
+compared with HF eager's and the table says if they differ.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------ physical limits
+
+def _llc_bytes() -> int:
+    try:
+        for index in range(4, -1, -1):
+            path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
+            if os.path.exists(path):
+                text = open(path).read().strip()
+                mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+                return int(text.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        pass
+    return 32 << 20
+
+
+def measure_bandwidth(repeats: int = 7) -> float:
+    """Streaming-read bandwidth in bytes/s (all threads), over a buffer far larger than the LLC."""
+    n = max(16 * _llc_bytes(), 256 << 20) // 4
+    buf = torch.ones(n)
+    buf.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.sum()
+        times.append(time.perf_counter() - t0)
+    return n * 4 / min(times)
+
+
+def measure_matmul(repeats: int = 5) -> float:
+    """fp32 GEMM throughput in FLOP/s (best over a few shapes typical of prefill)."""
+    best = 0.0
+    for m, k, n in ((512, 2048, 2048), (1024, 1024, 1024), (128, 512, 1408)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t0)
+        best = max(best, 2 * m * k * n / min(times))
+    return best
+
+
+def model_costs(model, prompt_len: int, batch: int = 1) -> dict:
+    """Bytes per decode step (weights) and FLOPs of the unpruned prefill, from the model's params."""
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    lm_head = out.weight if out is not None else emb
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    total = sum(p.numel() * p.element_size() for p in unique.values())
+    tied = lm_head.data_ptr() == emb.data_ptr()
+    # decode reads every weight once, except the embedding table (one row per sequence) unless tied
+    step_bytes = total - (0 if tied else emb.numel() * emb.element_size())
+    layer_params = sum(p.numel() for p in unique.values()) - emb.numel() - (0 if tied else lm_head.numel())
+    cfg = model.config
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer")
+    attention = 2 * batch * layers * hidden * prompt_len * prompt_len  # causal QK^T + PV
+    flops = 2 * batch * (layer_params * prompt_len + lm_head.numel()) + attention
+    return {"weight_bytes_per_step": step_bytes, "prefill_flops": flops}
+
+
+# ------------------------------------------------------------------ systems
+
+class PdcompileSystem:
+    """pdcompile.optimize on one backend, timed with the same streamer hooks as the peers."""
+
+    def __init__(self, model, backend: str, max_seq_len: int, max_batch_size: int, disable_passes=()):
+        self.model, self.backend, self.disable = model, backend, tuple(disable_passes)
+        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        suffix = " (passes off)" if self.disable else ""
+        self.name = f"pdcompile[{backend}]{suffix}"
+        self.fast = None
+
+    def prepare(self) -> float:
+        from . import optimize
+
+        t0 = time.perf_counter()
+        self.fast = optimize(self.model, backend=self.backend, max_batch_size=self.max_batch_size,
+                             max_seq_len=self.max_seq_len, disable_passes=self.disable)
+        return time.perf_counter() - t0
+
+    def generate(self, input_ids, attention_mask, max_new_tokens):
+        from .timing import TimingStreamer
+
+        # HF streamers take batch 1 only; batched runs are timed as a whole by the caller
+        streamer = TimingStreamer() if input_ids.shape[0] == 1 else None
+        out = self.fast.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                 do_sample=False, streamer=streamer)
+        return out, (streamer.token_times if streamer else [])
+
+
+@dataclass
+class Result:
+    name: str
+    prepare_s: float = float("nan")
+    prepare_warm_s: float | None = None
+    ttft_ms: float = float("nan")
+    tpot_ms: float = float("nan")
+    tokens_per_s: dict = field(default_factory=dict)
+    rss_mb: float = float("nan")
+    tokens_match_hf: bool | None = None
+    error: str | None = None
+    ttft_ratio: float | None = None
+    tpot_ratio: float | None = None
+    ttft_by_prompt_ms: dict = field(default_factory=dict)
+    tpot_by_position_ms: list = field(default_factory=list)
+
+
+def _rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _prompt(batch: int, length: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch, length), generator=g)
+    return ids, torch.ones_like(ids)
+
+
+# ------------------------------------------------------------------ the benchmark
+
+@dataclass
+class BenchConfig:
+    model: str = "smollm2"
+    prompt_len: int = 128
+    new_tokens: int = 64
+    batches: tuple = (1, 8)
+    repeats: int = 3
+    backends: tuple = ("onnxruntime", "inductor", "eager")
+    peers: tuple = ("hf-eager", "hf-static-compile", "exporters-onnx")
+    sweep_prompts: tuple = (32, 64, 128, 256, 512, 1024, 2048)
+    position_tokens: int = 256
+    passes_off: bool = True  # also measure pdcompile's default backend with every pass disabled
+    max_seq_len: int = 4096
+
+
+def build_systems(model, cfg: BenchConfig) -> list:
+    from .backends import default_backend
+
+    systems = []
+    for backend in cfg.backends:
+        systems.append(PdcompileSystem(model, backend, cfg.max_seq_len, max(cfg.batches)))
+    if cfg.passes_off:
+        from .passes import ALL_PASSES
+
+        systems.append(PdcompileSystem(model, default_backend(torch.device("cpu")), cfg.max_seq_len,
+                                       max(cfg.batches), disable_passes=tuple(ALL_PASSES)))
+    if cfg.peers:
+        from . import peers as peer_mod
+
+        table = {"hf-eager": peer_mod.HFEager, "hf-static-compile": peer_mod.HFStaticCompile,
+                 "exporters-onnx": peer_mod.ExportersOnnx}
+        for name in cfg.peers:
+            systems.append(table[name](model))
+    return systems
+
+
+def run(model, cfg: BenchConfig, progress=None) -> dict:
+    """Measure every system; returns the JSON-able results."""
+    say = progress or (lambda msg: logger.info(msg))
+    vocab = model.get_input_embeddings().weight.shape[0]
+    say("measuring memory bandwidth and matmul throughput")
+    bandwidth, matmul = measure_bandwidth(), measure_matmul()
+    costs = model_costs(model, cfg.prompt_len)
+    kv_per_token = _kv_bytes_per_token(model)
+    decode_floor_s = (costs["weight_bytes_per_step"] + kv_per_token * (cfg.prompt_len + cfg.new_tokens // 2)) / bandwidth
+    prefill_floor_s = costs["prefill_flops"] / matmul
+
+    systems = build_systems(model, cfg)
+    results = {s.name: Result(s.name) for s in systems}
+    live = []
+    for s in systems:
+        say(f"preparing {s.name}")
+        rss0 = _rss_mb()
+        try:
+            results[s.name].prepare_s = s.prepare()
+            live.append(s)
+        except Exception as e:  # a system that cannot run here is reported, not fatal
+            results[s.name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            logger.warning("%s failed to prepare: %s", s.name, results[s.name].error)
+        results[s.name].rss_mb = _rss_mb() - rss0
+
+    ids, mask = _prompt(1, cfg.prompt_len, vocab)
+    reference = None
+    per_round: dict[str, list] = {s.name: [] for s in live}
+    throughput: dict[str, dict[int, list]] = {s.name: {b: [] for b in cfg.batches} for s in live}
+    for r in range(cfg.repeats + 1):  # round 0 is the warm-up
+        say(f"round {r}/{cfg.repeats} (0 = warm-up)")
+        for s in list(live):
+            try:
+                t0 = time.perf_counter()
+                out, times = s.generate(ids, mask, cfg.new_tokens)
+                ttft = times[0] - t0
+                gaps = [b - a for a, b in zip(times, times[1:])]
+                if reference is None and s.name == "hf-eager":
+                    reference = out
+                if r:
+                    per_round[s.name].append((ttft, statistics.median(gaps)))
+                    results[s.name]._out = out
+                for b in cfg.batches:
+                    if b == 1:
+                        total = times[-1] - t0
+                        tps = cfg.new_tokens / total
+                    else:
+                        bids, bmask = _prompt(b, cfg.prompt_len, vocab, seed=b)
+                        t0 = time.perf_counter()
+                        bout, btimes = s.generate(bids, bmask, cfg.new_tokens)
+                        tps = b * (bout.shape[1] - cfg.prompt_len) / (time.perf_counter() - t0)
+                    if r:
+                        throughput[s.name][b].append(tps)
+            except Exception as e:
+                results[s.name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                logger.warning("%s failed: %s", s.name, results[s.name].error)
+                live.remove(s)
+    for s in live:
+        res = results[s.name]
+        res.ttft_ms = statistics.median(v[0] for v in per_round[s.name]) * 1e3
+        res.tpot_ms = statistics.median(v[1] for v in per_round[s.name]) * 1e3
+        res.tokens_per_s = {str(b): statistics.median(v) for b, v in throughput[s.name].items()}
+        res.ttft_ratio = res.ttft_ms / 1e3 / prefill_floor_s
+        res.tpot_ratio = res.tpot_ms / 1e3 / decode_floor_s
+        if reference is not None:
+            res.tokens_match_hf = bool(torch.equal(res._out, reference))
+        del res._out
+
+    # sweeps for the plots: TTFT by prompt length, TPOT by position
+    for length in cfg.sweep_prompts:
+        if length + 2 > cfg.max_seq_len:
+            continue
+        sids, smask = _prompt(1, length, vocab, seed=length)
+        say(f"TTFT sweep: prompt {length}")
+        for s in live:
+            vals = []
+            for _ in range(2):
+                t0 = time.perf_counter()
+                _, times = s.generate(sids, smask, 1)
+                vals.append((times[0] - t0) * 1e3)
+            results[s.name].ttft_by_prompt_ms[str(length)] = min(vals)
+    say(f"TPOT by position: {cfg.position_tokens} tokens")
+    pids, pmask = _prompt(1, 32, vocab, seed=7)
+    for s in live:
+        _, times = s.generate(pids, pmask, cfg.position_tokens)
+        results[s.name].tpot_by_position_ms = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+
+    for s in systems:  # warm-cache compile: prepare again (inductor's FX cache, HF's compile cache)
+        if isinstance(s, PdcompileSystem) and s.name in [x.name for x in live]:
+            say(f"re-preparing {s.name} (warm cache)")
+            results[s.name].prepare_warm_s = s.prepare()
+        gc.collect()
+
+    return {
+        "machine": machine_info(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "model": cfg.model,
+        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+        "limits": {
+            "memory_bandwidth_GBps": bandwidth / 1e9,
+            "matmul_GFLOPps": matmul / 1e9,
+            "weight_bytes_per_step": costs["weight_bytes_per_step"],
+            "kv_bytes_per_token": kv_per_token,
+            "decode_floor_ms": decode_floor_s * 1e3,
+            "prefill_flops_unpruned": costs["prefill_flops"],
+            "prefill_floor_ms": prefill_floor_s * 1e3,
+        },
+        "results": [asdict(r) for r in results.values()],
+    }
+
+
+def _kv_bytes_per_token(model) -> int:
+    from .capture import probe_geometry
+
+    return probe_geometry(model).bytes_per_token()
+
+
+def machine_info() -> dict:
+    import transformers
+
+    cpu = platform.processor() or ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# ------------------------------------------------------------------ output
+
+def markdown_table(data: dict) -> str:
+    lim = data["limits"]
+    lines = [
+        f"Model `{data['model']}`, prompt {data['config']['prompt_len']}, {data['config']['new_tokens']} new tokens, "
+        f"greedy; median of {data['config']['repeats']} interleaved rounds after a warm-up. "
+        f"Floors measured in the same run: memory bandwidth {lim['memory_bandwidth_GBps']:.1f} GB/s -> decode floor "
+        f"{lim['decode_floor_ms']:.2f} ms/token; fp32 matmul {lim['matmul_GFLOPps']:.0f} GFLOP/s -> unpruned prefill "
+        f"floor {lim['prefill_floor_ms']:.1f} ms.",
+        "",
+        "| system | TTFT ms | x floor | TPOT ms/token | x floor | tok/s b=1 | tok/s b=8 | prepare s (cold / warm) | RSS +MB | tokens = HF |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in data["results"]:
+        if r["error"]:
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | | |")
+            continue
+        tps = r["tokens_per_s"]
+        warm = f" / {r['prepare_warm_s']:.1f}" if r.get("prepare_warm_s") is not None else ""
+        lines.append(
+            f"| {r['name']} | {r['ttft_ms']:.1f} | {r['ttft_ratio']:.2f} | {r['tpot_ms']:.2f} | {r['tpot_ratio']:.2f} | "
+            f"{tps.get('1', float('nan')):.1f} | {tps.get('8', float('nan')):.1f} | {r['prepare_s']:.1f}{warm} | "
+            f"{r['rss_mb']:.0f} | {'yes' if r['tokens_match_hf'] else 'NO' if r['tokens_match_hf'] is False else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(14, 5))
+    for r in data["results"]:
+        if r["error"]:
+            continue
+        xs = sorted(int(k) for k in r["ttft_by_prompt_ms"])
+        if xs:
+            a.plot(xs, [r["ttft_by_prompt_ms"][str(x)] for x in xs], marker="o", label=r["name"])
+        if r["tpot_by_position_ms"]:
+            b.plot(range(33, 33 + len(r["tpot_by_position_ms"])), r["tpot_by_position_ms"], label=r["name"], lw=1)
+    lim = data["limits"]
+    a.set(xscale="log", yscale="log", xlabel="prompt length (tokens)", ylabel="TTFT (ms)", title="TTFT vs prompt length")
+    b.axhline(lim["decode_floor_ms"], color="k", ls="--", lw=1, label="bandwidth floor")
+    b.set(xlabel="position in the sequence", ylabel="TPOT (ms/token)", title="TPOT vs position")
+    b.set_ylim(bottom=0)
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{data['model']} on {data['machine']['cpu']} ({data['machine']['torch_threads']} threads), {data['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def save_json(data: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2)

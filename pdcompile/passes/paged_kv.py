@@ -1,0 +1,129 @@
+"""Paged KV cache: per-sequence contiguous caches -> a shared pool of fixed-size blocks.
+
+Before (decode; prefill and extend differ only in how many positions they write)::
+
+    caches_0: [B, Hkv, T, D]                                 # one contiguous cache per row
+    k_all = index_put_(caches_0, [rows, None, pos], k_new)    # write the new token's k
+    out = pdcompile.attention(q, k_all, v_all, pos, ...)     # read the whole row
+
+After::
+
+    pool_0: [num_blocks, block_size, Hkv, D]                  # shared by every sequence
+    block_table: [B, M]   slot_mapping: [B] (decode) | [B, S] (prefill, extend)
+    index_put_(pool_0, [slot // block_size, slot % block_size], k_new)     # scatter into slots
+    k_all = pool_0[block_table].reshape(B, M * block_size, Hkv, D).transpose(1, 2)
+    out = pdcompile.attention(q, k_all, v_all, pos, ...)
+
+A sequence owns a list of blocks (its row of ``block_table``); its position p lives in
+slot ``block_table[b, p // block_size] * block_size + p % block_size`` and the runtime
+hands the graph those slots directly (``slot_mapping``), so writes never need the
+table. Reads gather the row's blocks back into position order; keys past the row's
+length are masked by the attention as before. What this buys: sequences of different
+lengths share one pool without padding, blocks can be shared between sequences that
+start with the same tokens (prefix caching), and the pool outlives a call.
+
+Matches the three cache writes the capture produces (``index_copy_`` of a prompt,
+``index_put_`` of one token per row, ``index_put_`` of S tokens per row) and declines
+(no rewrite at all) if a cache is read any other way. Padding positions of a batch
+must be given a slot in a scratch block by the runtime.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._dynamo.source import ConstantSource
+from torch.fx.experimental.symbolic_shapes import DimDynamic
+
+from .manager import GraphPass, PassResult
+from .utils import aten, val
+
+NAME = "paged_kv"
+DEFAULT_BLOCK_SIZE = 16
+
+
+def _new_dim(mode, name: str, hint: int):
+    env = mode.shape_env
+    sym = env.create_symbol(hint, source=ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+    return env.create_symintnode(sym, hint=hint, source=ConstantSource(name))
+
+
+def _classify(write: torch.fx.Node) -> str | None:
+    """'prompt' | 'token' | 'tokens' for the capture's three cache writes."""
+    if write.target is aten.index_copy_.default and write.args[1] == 2:
+        return "prompt"
+    if write.target is aten.index_put_.default:
+        idx = write.args[1]
+        if len(idx) == 3 and idx[1] is None:
+            slots = val(idx[2])
+            return "token" if slots.dim() == 1 else "tokens" if slots.dim() == 2 else None
+    return None
+
+
+def make_paged(gm: torch.fx.GraphModule, block_size: int = DEFAULT_BLOCK_SIZE) -> PassResult:
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    caches = [n for n in placeholders if n.name.startswith("caches_")]
+    if not caches:
+        return PassResult(gm, 0, "no cache inputs (already paged?)")
+    ids = next(n for n in placeholders if n.name == "input_ids")
+    plans = {}
+    for cache in caches:
+        writes = [u for u in cache.users if u.op == "call_function" and _classify(u)]
+        others = [u for u in cache.users if u not in writes]
+        if len(writes) != 1 or others:
+            return PassResult(gm, 0, f"{cache.name} is read outside its cache write ({[u.name for u in others][:3]}); left contiguous")
+        plans[cache] = writes[0]
+    kinds = {_classify(w) for w in plans.values()}
+    if len(kinds) != 1:
+        return PassResult(gm, 0, f"mixed cache write kinds {kinds}")
+    kind = kinds.pop()
+
+    mode = torch._guards.detect_fake_mode([val(ids)])
+    batch = val(ids).shape[0]
+    blocks_per_seq = _new_dim(mode, "kv_blocks_per_seq", 5)
+    num_blocks = _new_dim(mode, "kv_pool_blocks", 37)
+    last_plain = [n for n in placeholders if not n.name.startswith("caches_")][-1]
+    with graph.inserting_after(last_plain):
+        slot_mapping = graph.placeholder("slot_mapping")
+    with graph.inserting_after(last_plain):
+        block_table = graph.placeholder("block_table")
+    with mode:
+        block_table.meta["val"] = torch.empty(batch, blocks_per_seq, dtype=torch.long, device=val(ids).device)
+        smap_shape = (batch,) if kind == "token" else (batch, val(ids).shape[1])
+        slot_mapping.meta["val"] = torch.empty(smap_shape, dtype=torch.long, device=val(ids).device)
+
+    for cache, write in plans.items():
+        cv = val(cache)
+        heads, dim = int(cv.shape[1]), int(cv.shape[3])
+        with graph.inserting_before(cache):
+            pool = graph.placeholder(cache.name.replace("caches_", "pool_"))
+        with mode:
+            pool.meta["val"] = torch.empty(num_blocks, block_size, heads, dim, dtype=cv.dtype, device=cv.device)
+        with graph.inserting_before(write):
+            flat_slots = graph.call_function(aten.reshape.default, (slot_mapping, [-1]))
+            blk = graph.call_function(aten.div.Tensor_mode, (flat_slots, block_size), {"rounding_mode": "floor"})
+            off = graph.call_function(aten.remainder.Scalar, (flat_slots, block_size))
+            if kind == "prompt":  # values k: [B, H, S, D] -> [B*S, H, D]
+                values = graph.call_function(aten.transpose.int, (write.args[3], 1, 2))
+            else:  # token: [B, H, D]; tokens: [B, S, H, D]
+                values = write.args[2]
+            values = graph.call_function(aten.reshape.default, (values, [-1, heads, dim]))
+            new_write = graph.call_function(aten.index_put_.default, (pool, [blk, off], values))
+            readers = [u for u in write.users]
+            if readers:  # the full cache as attention reads it: [B, H, M * block_size, D]
+                # gather from the write's result, so the read is ordered after the write
+                gathered = graph.call_function(aten.index.Tensor, (new_write, [block_table]))
+                b_sym = graph.call_function(aten.sym_size.int, (block_table, 0))
+                flat = graph.call_function(aten.reshape.default, (gathered, [b_sym, -1, heads, dim]))
+                full = graph.call_function(aten.transpose.int, (flat, 1, 2))
+                write.replace_all_uses_with(full)
+        graph.erase_node(write)
+        graph.erase_node(cache)
+    return PassResult(gm, len(plans), f"{len(plans)} caches -> pools of {block_size}-token blocks ({kind} writes)")
+
+
+def paged_kv(gm: torch.fx.GraphModule) -> PassResult:
+    return make_paged(gm)
+
+
+PASS = GraphPass(NAME, paged_kv, __doc__)
