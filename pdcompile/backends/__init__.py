@@ -20,6 +20,7 @@ _BACKENDS: dict[str, str] = {
     "eager": "pdcompile.backends.eager:compile_phase",
     "inductor": "pdcompile.backends.inductor:compile_phase",
     "onnxruntime": "pdcompile.backends.onnxruntime:compile_phase",
+    "tensorrt": "pdcompile.backends.tensorrt:compile_phase",
 }
 
 

@@ -49,6 +49,8 @@ def export_program(
     # Example sizes inside the declared ranges, distinct and > 1 (see capture.py).
     batch = 3 if max_batch_size >= 3 else 2
     prompt = min(5, max_seq_len - 1)
-    args = example_inputs(gm, phase, batch, prompt, min(23, max(max_seq_len, 3)))
+    # On the graph's device: a CUDA model's weights do not mix with CPU example inputs.
+    device = next(n.meta["val"].device for n in gm.graph.nodes if n.op == "placeholder")
+    args = example_inputs(gm, phase, batch, prompt, min(23, max(max_seq_len, 3)), device=device)
     with torch.no_grad():
         return torch.export.export(gm, tuple(args), dynamic_shapes=dynamic_shapes(gm, phase, max_batch_size, max_seq_len), strict=False)

@@ -1,0 +1,121 @@
+"""TensorRT backend: greedy tokens identical to HF eager, in process and through a bundle.
+
+The engine tests need CUDA and torch-tensorrt and are skipped, with the reason, where
+either is missing. Everywhere: the missing-extra error, the CPU refusal, the
+optimisation profile, and the lowered program TensorRT would be handed, run by PyTorch.
+"""
+
+import sys
+import types
+
+import pytest
+import torch
+
+import models
+import pdcompile
+from pdcompile.backends import tensorrt as trt_backend
+from pdcompile.bundle import read_manifest
+
+
+def _torch_tensorrt_importable() -> bool:
+    try:
+        import torch_tensorrt  # noqa: F401
+    except Exception:  # not installed, or its TensorRT libraries fail to load
+        return False
+    return True
+
+
+HAVE_TRT = _torch_tensorrt_importable()
+needs_trt = pytest.mark.skipif(
+    not HAVE_TRT, reason="torch_tensorrt is not installed (TensorRT cannot be installed on this machine)"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="TensorRT needs a CUDA device; none is available")
+NEW_TOKENS = 32
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="torch_tensorrt is installed: the missing-extra error cannot occur")
+def test_missing_torch_tensorrt_names_the_extra():
+    with pytest.raises(ImportError, match=r"pip install 'pdcompile\[tensorrt\]'"):
+        pdcompile.optimize(models.build("llama"), backend="tensorrt")
+
+
+def test_cpu_model_is_refused(llama_eager, monkeypatch):
+    # Stand-ins for the two modules, so the device check is reached without TensorRT.
+    monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
+    _, fast = llama_eager
+    options = {"max_batch_size": 8, "max_seq_len": 256, "device": torch.device("cpu")}
+    with pytest.raises(ValueError, match="TensorRT runs on CUDA devices; this model is on cpu"):
+        trt_backend.compile_phase(fast.graphs["decode"], "decode", None, options)
+
+
+def test_optimization_profile(llama_eager):
+    _, fast = llama_eager  # tiny llama: 2 kv heads of 16, optimized with max_seq_len=256
+    prefill = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 8, 256)
+    assert [p[0] for p in prefill] == ["input_ids", "last_idx", "caches_0", "caches_1", "caches_2", "caches_3"]
+    assert prefill[0][1:] == ((1, 1), (1, 128), (8, 256), torch.int64)
+    assert prefill[1][1:] == ((1,), (1,), (8,), torch.int64)
+    assert prefill[2][1:] == ((1, 2, 2, 16), (1, 2, 256, 16), (8, 2, 256, 16), torch.float32)
+    decode = trt_backend.optimization_profile(fast.graphs["decode"], "decode", 8, 256)
+    assert decode[0][1:] == ((1, 1), (1, 1), (8, 1), torch.int64)
+    assert decode[1][0] == "pos"
+    assert decode[2][1:4] == prefill[2][1:4]
+    small = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 1, 64)
+    assert small[0][1:4] == ((1, 1), (1, 64), (1, 64))  # opt shapes clipped to the limits
+    assert small[2][1:4] == ((1, 2, 2, 16), (1, 2, 64, 16), (1, 2, 64, 16))
+
+
+def _assert_greedy_parity(model, fast, lengths):
+    ids, mask = models.left_padded_batch(lengths=lengths)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    # A degenerate reference (one repeated token) would make equality meaningless.
+    assert len(set(ref[0, ids.shape[1]:].tolist())) >= 8
+    assert torch.equal(ref, out)
+
+
+def test_lowered_program_matches_hf(monkeypatch):
+    """What TensorRT is handed, run by PyTorch instead: the functional program and the
+    write-back of the updated caches keep greedy tokens identical to HF eager."""
+
+    def torch_runs_the_program(gm, phase, example_inputs, options):
+        return trt_backend.CompiledPhase(trt_backend._exported(gm, phase, options).module())
+
+    monkeypatch.setitem(pdcompile.backends._BACKENDS, "trt-lowering", torch_runs_the_program)
+    model = models.build("llama")
+    fast = pdcompile.optimize(model, backend="trt-lowering", max_seq_len=256)
+    _assert_greedy_parity(model, fast, (11, 6, 3))
+
+
+# ------------------------------------------------------------------ on a CUDA machine
+
+
+@pytest.fixture(scope="module")
+def llama_trt():
+    model = models.build("llama").cuda()
+    return model, pdcompile.optimize(model, backend="tensorrt", max_seq_len=256)
+
+
+@pytest.mark.parametrize("lengths", [(9,), (11, 6, 3)])
+@needs_cuda
+@needs_trt  # the closest mark is evaluated first: its reason is the one reported
+def test_greedy_parity(llama_trt, lengths):
+    model, fast = llama_trt
+    _assert_greedy_parity(model, fast, lengths)
+
+
+@needs_cuda
+@needs_trt
+def test_bundle_round_trip(llama_trt, tmp_path):
+    model, fast = llama_trt
+    path = pdcompile.export(fast, tmp_path / "llama-trt", backend="tensorrt")
+    manifest = read_manifest(path)
+    for phase in ("prefill", "decode"):
+        entry = manifest["phases"][phase]
+        assert entry["files"] == [f"{phase}.engine"]
+        assert entry["engine_inputs"][:2] == ["input_ids", "last_idx" if phase == "prefill" else "pos"]
+        assert len(entry["engine_outputs"]) == len(entry["engine_inputs"]) - 1
+    loaded = pdcompile.load(path)  # engines loaded by the TensorRT runtime, no HF model
+    _assert_greedy_parity(model, loaded, (11, 6, 3))
