@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -10,9 +11,9 @@ import torch
 from . import capture as capture_mod
 from .backends import default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig
-from .passes import DECODE_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, run_pipeline
+from .passes import DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, paged_kv, run_pipeline
 from .report import OptimizeReport
-from .runtime import OptimizedModel, PhaseRunner
+from .runtime import OptimizedModel, PagedRunner, PhaseRunner
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,12 @@ def default_max_seq_len(config) -> int:
     return int(limit)
 
 
-def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_size, max_seq_len, disable_passes):
+def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_size, max_seq_len, disable_passes,
+                    **cache_options):
     if config is None:
         config = OptimizeConfig(
             backend=backend,
-            cache=CacheConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len),
+            cache=CacheConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, **cache_options),
             passes=PassConfig(disabled=frozenset(disable_passes)),
         )
     model_limit = default_max_seq_len(model.config)
@@ -46,7 +48,29 @@ def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_siz
             f"max_seq_len={seq} exceeds what {type(model).__name__} supports ({model_limit}: "
             "max_position_embeddings / sliding_window of its config)"
         )
+    # paging is one switch: the pass and the runner must agree
+    passes = config.passes
+    if not config.cache.paged and passes.enabled(paged_kv.NAME):
+        passes = PassConfig(disabled=passes.disabled | {paged_kv.NAME})
+    elif config.cache.paged and not passes.enabled(paged_kv.NAME):
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, paged=False))
+    config = dataclasses.replace(config, passes=passes)
     return config, seq
+
+
+PIPELINES = {"prefill": PREFILL_PIPELINE, "decode": DECODE_PIPELINE, "extend": EXTEND_PIPELINE, "score": SCORE_PIPELINE}
+
+
+def default_pool_blocks(geometry, cache: CacheConfig, seq_len: int) -> int:
+    """Pool size: kv_cache_blocks, or kv_cache_memory, or max_batch_size full sequences (<= 512 MiB)."""
+    if cache.kv_cache_blocks:
+        return cache.kv_cache_blocks
+    per_block = geometry.bytes_per_token() * cache.block_size
+    budget = cache.kv_cache_memory
+    if budget is None:
+        full = cache.max_batch_size * -(-seq_len // cache.block_size) * per_block
+        budget = min(full, 512 << 20)
+    return max(2, budget // per_block + 1)
 
 
 class _Stage:
@@ -72,10 +96,21 @@ def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_i
         captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len, attn_implementation)
     report = OptimizeReport(backend=config.backend or "", timings=timings)
     graphs = {}
-    for phase, pipeline in (("prefill", PREFILL_PIPELINE), ("decode", DECODE_PIPELINE)):
+    for phase in ("prefill", "decode"):
         with _Stage(f"passes[{phase}]", timings):
-            graphs[phase], report.phases[phase] = run_pipeline(getattr(captured, phase), pipeline, config.passes, phase=phase)
-    return captured, graphs, report
+            graphs[phase], report.phases[phase] = run_pipeline(
+                getattr(captured, phase), PIPELINES[phase], config.passes, phase=phase)
+    if config.cache.paged and not all(_is_paged(g) for g in graphs.values()):
+        reason = next(r.detail for recs in report.phases.values() for r in recs if r.name == paged_kv.NAME and not r.matches)
+        logger.warning("paged KV cache not applicable to this model (%s): using contiguous caches", reason)
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, paged=False),
+                                     passes=PassConfig(disabled=config.passes.disabled | {paged_kv.NAME}))
+        return transform(model, config, seq_len, timings, attn_implementation)
+    return captured, graphs, report, config
+
+
+def _is_paged(gm) -> bool:
+    return any(n.op == "placeholder" and n.name.startswith("pool_") for n in gm.graph.nodes)
 
 
 def optimize(
@@ -85,6 +120,9 @@ def optimize(
     max_batch_size: int = 8,
     max_seq_len: int | None = None,
     disable_passes=(),
+    paged: bool = True,
+    prefix_cache: bool = True,
+    kv_cache_memory: int | None = None,
     config: OptimizeConfig | None = None,
 ) -> OptimizedModel:
     """Capture ``model`` as prefill and decode graphs, transform and compile them.
@@ -95,37 +133,54 @@ def optimize(
             ``None`` picks the default for the model's device.
         max_batch_size / max_seq_len: the capacity; requests beyond it raise.
         disable_passes: names of graph passes to skip (see ``pdcompile.passes``).
+        paged: KV cache as a shared pool of 16-token blocks (default) or one contiguous
+            cache per call.
+        prefix_cache: reuse cached blocks of a repeated prompt prefix (paged only).
+        kv_cache_memory: bytes for the paged pool (default: enough for max_batch_size
+            full-length sequences, at most 512 MiB).
         config: an :class:`OptimizeConfig` instead of the keyword arguments.
 
     Returns an :class:`OptimizedModel` with the HF model's generate()/forward().
     """
-    config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes)
+    config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes,
+                                      paged=paged, prefix_cache=prefix_cache, kv_cache_memory=kv_cache_memory)
     device = next(model.parameters()).device
     backend_name = config.backend or default_backend(device)
     compile_phase = get_backend(backend_name)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    captured, graphs, report = transform(model, config, seq_len, timings)
+    captured, graphs, report, config = transform(model, config, seq_len, timings)
     report.backend = backend_name
-    options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len, "device": device}
-    compiled = {}
+    pool_blocks = default_pool_blocks(captured.geometry, config.cache, seq_len) if config.cache.paged else None
+    options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len, "device": device,
+               "kv_pool_blocks": pool_blocks}
+    phases = {}
     for phase, gm in graphs.items():
         with _Stage(f"compile[{phase}:{backend_name}]", timings):
-            compiled[phase] = compile_phase(gm, phase, None, options)
+            phases[phase] = compile_phase(gm, phase, None, options)
 
-    def score_factory():
-        gm = capture_mod.capture_phase(model, "score", config.cache.max_batch_size, seq_len, captured.geometry)
-        gm, report.phases["score"] = run_pipeline(gm, SCORE_PIPELINE, config.passes, phase="score")
-        return compile_phase(gm, "score", None, options)
+    def lazy(phase):
+        def build():
+            gm = capture_mod.capture_phase(model, phase, config.cache.max_batch_size, seq_len, captured.geometry)
+            gm, report.phases[phase] = run_pipeline(gm, PIPELINES[phase], config.passes, phase=phase)
+            graphs[phase] = gm
+            return compile_phase(gm, phase, None, options)
+        return build
 
     timings["total"] = time.perf_counter() - t_start
     logger.info("optimize: %s backend ready in %.1f s", backend_name, timings["total"])
     vocab = model.get_input_embeddings().weight.shape[0]
-    runner = PhaseRunner(
-        compiled["prefill"], compiled["decode"], captured.geometry, device,
-        config.cache.max_batch_size, seq_len, vocab,
-    )
+    args = (phases, captured.geometry, device, config.cache.max_batch_size, seq_len, vocab)
+    lazy_phases = {"score": lazy("score"), "extend": lazy("extend")}
+    if config.cache.paged:
+        runner = PagedRunner(
+            *args, lazy_phases=lazy_phases, block_size=config.cache.block_size,
+            prefix_cache=config.cache.prefix_cache,
+            num_blocks=pool_blocks,
+        )
+    else:
+        runner = PhaseRunner(*args, lazy_phases=lazy_phases)
     return OptimizedModel(
         runner, model.config, model.generation_config, original_model=model,
-        report=report, score_factory=score_factory, backend=backend_name, graphs=graphs,
+        report=report, backend=backend_name, graphs=graphs,
     )

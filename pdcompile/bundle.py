@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .capture import CacheGeometry, LayerGeometry
-from .runtime import OptimizedModel, PhaseRunner
+from .runtime import OptimizedModel, PagedRunner, PhaseRunner
 
 logger = logging.getLogger(__name__)
 
@@ -78,18 +78,24 @@ def _engine_module(backend: str):
     return importlib.import_module(_ENGINES[backend])
 
 
-def _signature(phase: str, geometry: CacheGeometry) -> dict:
+def _signature(phase: str, geometry: CacheGeometry, paged: bool, block_size: int) -> dict:
     seq = "seq" if phase == "prefill" else 1
     inputs = [
         {"name": "input_ids", "dtype": "int64", "shape": ["batch", seq]},
         {"name": "last_idx" if phase == "prefill" else "pos", "dtype": "int64", "shape": ["batch"]},
     ]
+    if paged:
+        inputs.append({"name": "block_table", "dtype": "int64", "shape": ["batch", "blocks_per_seq"]})
+        inputs.append({"name": "slot_mapping", "dtype": "int64", "shape": ["batch", seq] if phase == "prefill" else ["batch"]})
     dtype = str(geometry.dtype).replace("torch.", "")
     for i, g in enumerate(geometry.layers):
-        inputs.append({"name": f"caches_{2 * i}", "dtype": dtype, "shape": ["batch", g.kv_heads, "capacity", g.head_dim]})
-        inputs.append({"name": f"caches_{2 * i + 1}", "dtype": dtype, "shape": ["batch", g.kv_heads, "capacity", g.v_head_dim]})
+        for j, d in enumerate((g.head_dim, g.v_head_dim)):
+            if paged:
+                inputs.append({"name": f"pool_{2 * i + j}", "dtype": dtype, "shape": ["pool_blocks", block_size, g.kv_heads, d]})
+            else:
+                inputs.append({"name": f"caches_{2 * i + j}", "dtype": dtype, "shape": ["batch", g.kv_heads, "capacity", d]})
     return {"inputs": inputs, "outputs": [{"name": "logits", "dtype": dtype, "shape": ["batch", "vocab"]}],
-            "cache_writes": "in place (caches_*)"}
+            "cache_writes": "in place (pool_* / caches_*)"}
 
 
 def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite: bool = False) -> Path:
@@ -105,7 +111,8 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     engine = _engine_module(backend)
     runner = model.runner
-    options = {"max_batch_size": runner.max_batch_size, "max_seq_len": runner.max_seq_len, "device": runner.device}
+    options = {"max_batch_size": runner.max_batch_size, "max_seq_len": runner.max_seq_len, "device": runner.device,
+               "kv_pool_blocks": runner.pool.num_blocks if runner.paged else None}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
@@ -114,7 +121,7 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
             t0 = time.perf_counter()
             logger.info("export: lowering %s for %s ...", phase, backend)
             entry = engine.save_phase(model.graphs[phase], phase, tmp, options)
-            entry.update(_signature(phase, runner.geometry))
+            entry.update(_signature(phase, runner.geometry, runner.paged, getattr(runner, "block_size", 0)))
             phases[phase] = entry
             logger.info("export: %s written in %.1f s", phase, time.perf_counter() - t0)
         model.config.to_json_file(tmp / "config.json")
@@ -132,7 +139,8 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
             "limits": {"max_batch_size": runner.max_batch_size, "max_seq_len": runner.max_seq_len,
                        "vocab_size": runner.vocab_size},
             "cache": {"dtype": str(runner.geometry.dtype).replace("torch.", ""),
-                      "layers": [vars(g) for g in runner.geometry.layers]},
+                      "layers": [vars(g) for g in runner.geometry.layers],
+                      "paged": runner.paged, "block_size": getattr(runner, "block_size", None)},
             "phases": phases,
             "report": model.pdcompile_report().to_dict() if model.pdcompile_report() else None,
             "files": {},
@@ -204,8 +212,12 @@ def _check_versions(manifest: dict) -> None:
         )
 
 
-def load(path, device: str | torch.device | None = None) -> OptimizedModel:
-    """Load a bundle written by :func:`export` as an :class:`OptimizedModel`."""
+def load(path, device: str | torch.device | None = None, kv_cache_memory: int | None = None) -> OptimizedModel:
+    """Load a bundle written by :func:`export` as an :class:`OptimizedModel`.
+
+    Bundles carry the prefill and decode engines; prefix caching (which needs the extend
+    graph) is off for a loaded model. ``kv_cache_memory`` sizes the paged KV pool.
+    """
     from transformers import AutoConfig, GenerationConfig
 
     path = Path(path)
@@ -223,8 +235,17 @@ def load(path, device: str | torch.device | None = None) -> OptimizedModel:
     )
     phases = {p: engine.load_phase(path, manifest["phases"][p], device) for p in ("prefill", "decode")}
     limits = manifest["limits"]
-    runner = PhaseRunner(phases["prefill"], phases["decode"], geometry, device,
-                         limits["max_batch_size"], limits["max_seq_len"], limits["vocab_size"])
+    args = (phases, geometry, device, limits["max_batch_size"], limits["max_seq_len"], limits["vocab_size"])
+    if cache.get("paged"):
+        from .api import default_pool_blocks
+        from .config import CacheConfig
+
+        cc = CacheConfig(max_batch_size=limits["max_batch_size"], block_size=cache["block_size"],
+                         kv_cache_memory=kv_cache_memory)
+        runner = PagedRunner(*args, block_size=cache["block_size"], prefix_cache=False,
+                             num_blocks=default_pool_blocks(geometry, cc, limits["max_seq_len"]))
+    else:
+        runner = PhaseRunner(*args)
     from .report import OptimizeReport
 
     report = OptimizeReport.from_dict(manifest["report"]) if manifest.get("report") else OptimizeReport(backend)

@@ -182,7 +182,7 @@ def cmd_inspect(args) -> int:
                             passes=PassConfig(disabled=frozenset(args.disable)))
     config, seq_len = _resolve_config(model, config, None, None, None, None)
     with _progress(console, "capture + passes"):
-        _, _, report = transform(model, config, seq_len, {})
+        _, _, report, _ = transform(model, config, seq_len, {})
     report.backend = "-"
     print_report(report, console)
     if args.dump:

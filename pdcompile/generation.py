@@ -175,6 +175,7 @@ class GenerationTimings:
 
     ttft_s: float = 0.0
     decode_s: tuple[float, ...] = ()
+    reused_tokens: tuple[int, ...] = ()  # prompt tokens per row served by the prefix cache
 
     @property
     def tpot_s(self) -> float:
@@ -241,26 +242,51 @@ def run_generate(
         pad = pad[0]
 
     ids_rp, lengths = pack_left_padded(input_ids, attention_mask)
-    runner.check_request(batch, int(lengths.max()), max_new)
     procs = build_logits_processor(config, prompt_len, attention_mask, eos, logits_processor, device)
     want_scores = config.return_dict_in_generate and config.output_scores
     want_logits = config.return_dict_in_generate and config.output_logits
-    scores, raw_logits = [], []
 
     seq = torch.empty(batch, prompt_len + max_new, dtype=input_ids.dtype, device=device)
     seq[:, :prompt_len] = input_ids
     cur = prompt_len
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    caches = runner.allocate(batch, int(lengths.max()) + max_new)
     # Token emission times: TTFT is the first minus the start, TPOT the gaps between them
     # (whole steps: graph call, processors, sampling, bookkeeping).
     emitted = []
     t0 = time.perf_counter()
-    logits = runner.prefill(ids_rp, lengths - 1, caches)
-    pos = lengths.clone()
+    seqs = runner.start(ids_rp, lengths, max_new)
+    try:
+        sequences, scores, raw_logits = _loop(
+            runner, seqs, seq, cur, config, procs, eos, pad, stopping_criteria, streamer,
+            want_scores, want_logits, max_new, emitted,
+        )
+    finally:
+        runner.finish(seqs)
+    if timings is not None:
+        timings.ttft_s = emitted[0] - t0
+        timings.decode_s = tuple(b - a for a, b in zip(emitted, emitted[1:]))
+        timings.reused_tokens = tuple(seqs.reused)
+    if streamer is not None:
+        streamer.end()
+    if config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(scores) if want_scores else None,
+            logits=tuple(raw_logits) if want_logits else None,
+            past_key_values=None,
+        )
+    return sequences
+
+
+def _loop(runner, seqs, seq, cur, config, procs, eos, pad, stopping_criteria, streamer,
+          want_scores, want_logits, max_new, emitted):
+    """Prefill, then one decode step per token; fills ``seq`` from column ``cur``."""
+    batch = seq.shape[0]
+    scores, raw_logits = [], []
+    unfinished = torch.ones(batch, dtype=torch.bool, device=seq.device)
+    logits = runner.prefill(seqs)
     deadline = time.perf_counter() + config.max_time if config.max_time is not None else None
     for step in range(max_new):
         next_logits = logits.to(torch.float32)
@@ -289,20 +315,5 @@ def run_generate(
             break
         if deadline is not None and time.perf_counter() > deadline:
             break
-        logits = runner.decode(next_tokens.unsqueeze(1), pos, caches)
-        pos += 1
-    if timings is not None:
-        timings.ttft_s = emitted[0] - t0
-        timings.decode_s = tuple(b - a for a, b in zip(emitted, emitted[1:]))
-    if streamer is not None:
-        streamer.end()
-
-    sequences = seq[:, :cur]
-    if config.return_dict_in_generate:
-        return GenerateDecoderOnlyOutput(
-            sequences=sequences,
-            scores=tuple(scores) if want_scores else None,
-            logits=tuple(raw_logits) if want_logits else None,
-            past_key_values=None,
-        )
-    return sequences
+        logits = runner.decode(seqs, next_tokens)
+    return seq[:, :cur], scores, raw_logits

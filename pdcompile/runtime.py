@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -11,6 +12,7 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CacheGeometry
+from .kv_pool import BlockPool, block_hashes
 from .generation import (
     GenerationTimings,
     pack_left_padded,
@@ -22,33 +24,64 @@ from .generation import (
 
 logger = logging.getLogger(__name__)
 
-_CAPACITY_STEP = 64  # cache capacity of a call is rounded up to this, to reuse shapes
+_CAPACITY_STEP = 64  # contiguous caches: capacity of a call rounded up to this, to reuse shapes
 
 
 class CapacityError(ValueError):
     """A request does not fit the limits the model was optimized for."""
 
 
+@dataclass
+class Sequences:
+    """One batch in flight: its prompts, positions and where its KV cache lives."""
+
+    ids: torch.Tensor  # [B, S] right-padded prompts
+    lengths: torch.Tensor  # [B] prompt lengths
+    pos: torch.Tensor  # [B] position of the next token each row will feed
+    caches: list[torch.Tensor] | None = None  # contiguous cache: [B, H, T, D] per layer (k, v)
+    blocks: list[list[int]] | None = None  # paged cache: the blocks each row owns, in position order
+    reused: list[int] = field(default_factory=list)  # prompt tokens served by the prefix cache, per row
+    finished: bool = False
+
+
 class PhaseRunner:
-    """Calls the compiled prefill/decode graphs; owns the cache geometry and limits."""
+    """Calls the compiled graphs on a contiguous per-batch cache; owns the geometry and limits.
+
+    The generate loop and forward() talk to a runner through ``start / prefill / decode /
+    finish``; :class:`PagedRunner` implements the same calls on a block pool.
+    """
+
+    paged = False
 
     def __init__(
         self,
-        prefill: Callable,
-        decode: Callable,
+        phases: dict[str, Callable],
         geometry: CacheGeometry,
         device: torch.device,
         max_batch_size: int,
         max_seq_len: int,
         vocab_size: int,
+        lazy_phases: dict[str, Callable[[], Callable]] | None = None,
     ):
-        self.prefill_fn, self.decode_fn = prefill, decode
+        self.phases = dict(phases)
+        self.lazy = dict(lazy_phases or {})
         self.geometry = geometry
         self.device = device
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
         self.vocab_size = vocab_size
 
+    def phase(self, name: str) -> Callable:
+        if name not in self.phases:
+            if name not in self.lazy:
+                raise NotImplementedError(
+                    f"the {name} graph is not available here (bundles carry prefill and decode only)"
+                )
+            logger.info("building the %s graph on first use (one-time)", name)
+            self.phases[name] = self.lazy.pop(name)()
+        return self.phases[name]
+
+    # ------------------------------------------------------------------ checks
     def check_request(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
         if batch > self.max_batch_size:
             raise CapacityError(
@@ -79,37 +112,166 @@ class PhaseRunner:
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size - 1}]")
 
-    def capacity_for(self, total_len: int) -> int:
-        cap = -(-total_len // _CAPACITY_STEP) * _CAPACITY_STEP
-        return max(2, min(cap, self.max_seq_len))
-
-    def allocate(self, batch: int, total_len: int) -> list[torch.Tensor]:
-        return self.geometry.allocate(batch, self.capacity_for(total_len), self.device)
+    # ------------------------------------------------------------------ batch lifecycle
+    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
+        """Reserve cache room for prompts ``ids`` (right-padded) plus ``max_new_tokens``."""
+        self.check_request(ids.shape[0], int(lengths.max()), max_new_tokens)
+        cap = -(-(int(lengths.max()) + max_new_tokens) // _CAPACITY_STEP) * _CAPACITY_STEP
+        cap = max(2, min(cap, self.max_seq_len))
+        caches = self.geometry.allocate(ids.shape[0], cap, self.device)
+        return Sequences(ids.contiguous(), lengths, lengths.clone(), caches=caches, reused=[0] * ids.shape[0])
 
     # Compiled graphs assume the contiguous layouts they were traced with.
-    def prefill(self, ids: torch.Tensor, last_idx: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        return self.prefill_fn(ids.contiguous(), last_idx.contiguous(), *caches)
+    def prefill(self, seqs: Sequences, phase: str = "prefill") -> torch.Tensor:
+        return self.phase(phase)(seqs.ids, (seqs.lengths - 1).contiguous(), *seqs.caches)
 
-    def decode(self, ids: torch.Tensor, pos: torch.Tensor, caches: list[torch.Tensor]) -> torch.Tensor:
-        return self.decode_fn(ids.contiguous(), pos.contiguous(), *caches)
+    def decode(self, seqs: Sequences, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at ``seqs.pos``; returns the next logits, advances pos."""
+        if int(seqs.pos.max()) >= seqs.caches[0].shape[2]:
+            self._grow(seqs)
+        logits = self.phase("decode")(tokens.reshape(-1, 1).contiguous(), seqs.pos, *seqs.caches)
+        seqs.pos += 1
+        return logits
+
+    def _grow(self, seqs: Sequences) -> None:
+        if int(seqs.pos.max()) + 1 > self.max_seq_len:
+            raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
+        old = seqs.caches
+        cap = min(old[0].shape[2] + _CAPACITY_STEP, self.max_seq_len)
+        seqs.caches = self.geometry.allocate(old[0].shape[0], cap, self.device)
+        for o, n in zip(old, seqs.caches):
+            n[:, :, : o.shape[2]].copy_(o)
+
+    def finish(self, seqs: Sequences) -> None:
+        seqs.finished = True
+        seqs.caches = None
+
+
+class PagedRunner(PhaseRunner):
+    """The same calls on a KV pool of fixed-size blocks shared by all sequences.
+
+    Graphs (after the paged_kv pass) take ``block_table`` and ``slot_mapping`` instead of
+    per-batch caches. With ``prefix_cache``, full blocks of a prompt already in the pool
+    (same tokens at the same positions, see kv_pool.py) are reused and only the rest of
+    the prompt is computed, by the extend graph.
+    """
+
+    paged = True
+
+    def __init__(self, *args, num_blocks: int, block_size: int, prefix_cache: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_size = block_size
+        self.prefix_cache = prefix_cache
+        bytes_per_block = self.geometry.bytes_per_token() * block_size
+        self.pool = BlockPool(num_blocks, block_size, bytes_per_block)
+        self.pools = []  # per layer k, v: [num_blocks, block_size, H, D], zeros (never NaN)
+        for g in self.geometry.layers:
+            for d in (g.head_dim, g.v_head_dim):
+                self.pools.append(torch.zeros(num_blocks, block_size, g.kv_heads, d, dtype=self.geometry.dtype, device=self.device))
+
+    def kv_stats(self) -> dict:
+        return {**self.pool.stats(), "bytes": sum(p.numel() * p.element_size() for p in self.pools)}
+
+    def _slot(self, seqs: Sequences, row: int, pos: int) -> int:
+        return seqs.blocks[row][pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _ensure(self, seqs: Sequences, row: int, upto: int) -> None:
+        """Row ``row`` owns blocks covering positions 0..upto-1."""
+        need = -(-upto // self.block_size) - len(seqs.blocks[row])
+        if need > 0:
+            seqs.blocks[row].extend(self.pool.allocate(need))
+
+    def _table(self, seqs: Sequences) -> torch.Tensor:
+        width = max(len(b) for b in seqs.blocks)
+        table = torch.zeros(len(seqs.blocks), width, dtype=torch.long)
+        for row, blocks in enumerate(seqs.blocks):
+            table[row, : len(blocks)] = torch.tensor(blocks)
+        return table.to(self.device)
+
+    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
+        self.check_request(ids.shape[0], int(lengths.max()), max_new_tokens)
+        seqs = Sequences(ids.contiguous(), lengths, lengths.clone(), blocks=[[] for _ in range(ids.shape[0])])
+        try:
+            for row, n in enumerate(lengths.tolist()):
+                reused = []
+                if self.prefix_cache:
+                    # keep at least one prompt token to compute: it yields the first logits
+                    hashes = block_hashes(ids[row, :n].cpu().numpy(), self.block_size, n - 1)
+                    reused = self.pool.lookup(hashes)
+                seqs.blocks[row] = list(reused)
+                seqs.reused.append(len(reused) * self.block_size)
+                self._ensure(seqs, row, n + max_new_tokens)
+        except Exception:
+            self.finish(seqs)
+            raise
+        return seqs
+
+    def prefill(self, seqs: Sequences, phase: str = "prefill") -> torch.Tensor:
+        lengths = seqs.lengths.tolist()
+        start = seqs.reused
+        table = self._table(seqs)
+        use_extend = any(start) and phase == "prefill"
+        width = max(n - s for n, s in zip(lengths, start))
+        ids = torch.zeros(len(lengths), width, dtype=seqs.ids.dtype, device=self.device)
+        slots = torch.zeros(len(lengths), width, dtype=torch.long)  # padding -> scratch block 0
+        for row, (n, s) in enumerate(zip(lengths, start)):
+            ids[row, : n - s] = seqs.ids[row, s:n]
+            for i in range(n - s):
+                slots[row, i] = self._slot(seqs, row, s + i)
+        slots = slots.to(self.device)
+        last = torch.tensor([n - s - 1 for n, s in zip(lengths, start)], device=self.device)
+        if use_extend:
+            starts = torch.tensor(start, device=self.device)
+            logits = self.phase("extend")(ids, starts, last, table, slots, *self.pools)
+        else:
+            logits = self.phase(phase)(ids, last, table, slots, *self.pools)
+        if self.prefix_cache:
+            self._register_prompt_blocks(seqs)
+        return logits
+
+    def _register_prompt_blocks(self, seqs: Sequences) -> None:
+        for row, n in enumerate(seqs.lengths.tolist()):
+            hashes = block_hashes(seqs.ids[row, :n].cpu().numpy(), self.block_size, n)
+            for block, h in zip(seqs.blocks[row], hashes):
+                self.pool.register(block, h)
+
+    def decode(self, seqs: Sequences, tokens: torch.Tensor) -> torch.Tensor:
+        positions = seqs.pos.tolist()
+        for row, p in enumerate(positions):
+            if p + 1 > self.max_seq_len:
+                raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
+            self._ensure(seqs, row, p + 1)  # forward() continues without a reservation
+        slots = torch.tensor([self._slot(seqs, row, p) for row, p in enumerate(positions)], device=self.device)
+        table = self._table(seqs)
+        logits = self.phase("decode")(tokens.reshape(-1, 1).contiguous(), seqs.pos, table, slots, *self.pools)
+        seqs.pos += 1
+        return logits
+
+    def finish(self, seqs: Sequences) -> None:
+        if not seqs.finished and seqs.blocks is not None:
+            for blocks in seqs.blocks:
+                self.pool.release(blocks)
+        seqs.finished = True
 
 
 class PdcompileCache:
     """The ``past_key_values`` that :meth:`OptimizedModel.forward` returns and accepts.
 
-    Opaque to the user; holds the cache tensors of one batch and each row's next position.
+    Opaque to the user: the batch's cache and each row's next position. With the paged
+    cache, its blocks go back to the pool when this object is garbage collected.
     """
 
-    def __init__(self, caches: list[torch.Tensor], pos: torch.Tensor):
-        self.caches = caches
-        self.pos = pos
+    def __init__(self, runner: PhaseRunner, seqs: Sequences):
+        self.runner, self.seqs = runner, seqs
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.pos.max())
+        return int(self.seqs.pos.max())
 
-    @property
-    def capacity(self) -> int:
-        return self.caches[0].shape[2]
+    def __del__(self):
+        try:
+            self.runner.finish(self.seqs)
+        except Exception:  # interpreter shutdown: nothing left to return blocks to
+            pass
 
 
 class OptimizedModel:
@@ -128,7 +290,6 @@ class OptimizedModel:
         generation_config: GenerationConfig,
         original_model=None,
         report=None,
-        score_factory: Callable[[], Callable] | None = None,
         backend: str = "",
         graphs: dict | None = None,
     ):
@@ -139,8 +300,6 @@ class OptimizedModel:
         self.original_model = original_model
         self.backend = backend
         self._report = report
-        self._score_factory = score_factory
-        self._score_fn = None
         self.last_timings = GenerationTimings()
 
     # ------------------------------------------------------------------ HF surface
@@ -285,21 +444,13 @@ class OptimizedModel:
             attention_mask = torch.ones_like(input_ids)
         ids_rp, lengths = pack_left_padded(input_ids, attention_mask)
         batch, width = input_ids.shape
-        self.runner.check_request(batch, int(lengths.max()), 1)
-        caches = self.runner.allocate(batch, int(lengths.max()) + _CAPACITY_STEP)
-        last_idx = lengths - 1
+        seqs = self.runner.start(ids_rp, lengths, 1)
+        cache = PdcompileCache(self.runner, seqs)  # owns the blocks from here on
         if logits_to_keep == 1:
-            logits = self.runner.prefill(ids_rp, last_idx, caches).unsqueeze(1)
+            logits = self.runner.prefill(seqs).unsqueeze(1)
         else:
-            if self._score_fn is None:
-                if self._score_factory is None:
-                    raise NotImplementedError(
-                        "full-sequence logits need the score graph, which this model does not have "
-                        "(loaded bundles carry prefill and decode only); pass logits_to_keep=1"
-                    )
-                logger.info("building the score graph (all-position logits) on first use")
-                self._score_fn = self._score_factory()
-            packed = self._score_fn(ids_rp, last_idx, *caches)  # [B, S, V], right-padded
+            seqs.reused = [0] * batch  # every position's logits: compute the whole prompt
+            packed = self.runner.prefill(seqs, phase="score")  # [B, S, V], right-padded
             logits = packed.new_zeros(batch, width, packed.shape[-1])
             seq = packed.shape[1]
             # back to the caller's left-padded layout
@@ -309,21 +460,13 @@ class OptimizedModel:
             logits[rows[valid], cols[valid]] = packed[valid]
             if logits_to_keep:
                 logits = logits[:, -logits_to_keep:]
-        return logits, PdcompileCache(caches, lengths.clone())
+        return logits, cache
 
     def _forward_decode(self, input_ids, cache: PdcompileCache):
-        if input_ids.shape != (cache.pos.shape[0], 1):
+        seqs = cache.seqs
+        if input_ids.shape != (seqs.pos.shape[0], 1):
             raise NotImplementedError(
-                f"with past_key_values, input_ids must be one token per row, shape ({cache.pos.shape[0]}, 1); "
+                f"with past_key_values, input_ids must be one token per row, shape ({seqs.pos.shape[0]}, 1); "
                 f"got {tuple(input_ids.shape)} (multi-token continuation is not supported)"
             )
-        if int(cache.pos.max()) + 1 > self.runner.max_seq_len:
-            raise CapacityError(f"sequence would exceed max_seq_len={self.runner.max_seq_len}")
-        if int(cache.pos.max()) >= cache.capacity:
-            grown = self.runner.allocate(cache.pos.shape[0], cache.capacity + _CAPACITY_STEP)
-            for old, new in zip(cache.caches, grown):
-                new[:, :, : old.shape[2]].copy_(old)
-            cache.caches = grown
-        logits = self.runner.decode(input_ids, cache.pos, cache.caches).unsqueeze(1)
-        cache.pos += 1
-        return logits, cache
+        return self.runner.decode(seqs, input_ids).unsqueeze(1), cache

@@ -175,8 +175,8 @@ def test_decode_attention_mask(family):
 # ------------------------------------------------------------------ manager and report
 
 def test_pipelines_are_explicit_ordered_lists():
-    assert [p.name for p in PREFILL_PIPELINE] == ["remove_noops", "fuse_causal_mask", "prune_final_layer"]
-    assert [p.name for p in DECODE_PIPELINE] == ["remove_noops", "decode_attention_mask"]
+    assert [p.name for p in PREFILL_PIPELINE] == ["remove_noops", "fuse_causal_mask", "prune_final_layer", "paged_kv"]
+    assert [p.name for p in DECODE_PIPELINE] == ["remove_noops", "decode_attention_mask", "paged_kv"]
 
 
 def test_disable_pass_by_name_and_report():
@@ -208,7 +208,7 @@ def test_report_flops_drop_by_the_pruning_prediction():
     predicted = per_token * 127 + attention
     saved = prune.cost_before["flops"] - prune.cost_after["flops"]
     assert abs(saved - predicted) / predicted < 0.02, (saved, predicted)
-    assert report.to_dict()["phases"]["prefill"][1]["matches"] == 1
+    assert next(r for r in report.to_dict()["phases"]["prefill"] if r["name"] == "prune_final_layer")["matches"] == 1
 
 
 def test_pass_failure_names_pass_and_predecessors():
@@ -228,19 +228,21 @@ def test_graph_dumps(tmp_path, monkeypatch):
     cap = capture(models.build("llama"), 4, 64)
     run_pipeline(cap.prefill, PREFILL_PIPELINE, PassConfig(), phase="prefill")
     files = sorted(os.listdir(tmp_path / "prefill"))
-    assert files == ["00_captured_graph.txt", "01_fuse_causal_mask_after.txt", "02_prune_final_layer_after.txt"]
+    assert files == ["00_captured_graph.txt", "01_remove_noops_after.txt", "02_fuse_causal_mask_after.txt",
+                     "03_prune_final_layer_after.txt", "04_paged_kv_after.txt"]
     assert "scaled_dot_product_attention" in (tmp_path / "prefill" / files[0]).read_text()
-    assert "pdcompile.attention" in (tmp_path / "prefill" / files[1]).read_text()
+    assert "pdcompile.attention" in (tmp_path / "prefill" / files[2]).read_text()
+    assert "pool_0" in (tmp_path / "prefill" / files[4]).read_text()
 
 
 def test_non_sdpa_attention_reported_not_silent():
     """A model captured with eager attention: the attention passes say why they did not match."""
     model = models.build("qwen2")
     cfg = pdcompile.OptimizeConfig(backend="eager", cache=pdcompile.CacheConfig(max_seq_len=128))
-    captured, graphs, report = pdcompile.api.transform(model, cfg, 128, {}, attn_implementation="eager")
-    fuse = report.phases["prefill"][0]
+    captured, graphs, report, _ = pdcompile.api.transform(model, cfg, 128, {}, attn_implementation="eager")
+    fuse = next(r for r in report.phases["prefill"] if r.name == "fuse_causal_mask")
     assert fuse.status == "no match" and "attention is not SDPA" in fuse.detail
-    dec = report.phases["decode"][0]
+    dec = next(r for r in report.phases["decode"] if r.name == "decode_attention_mask")
     assert dec.status == "no match" and "attention is not SDPA" in dec.detail
     # the graphs still compute the right thing
     ids, last, caches = _prefill_inputs(captured.geometry, [9])
@@ -269,8 +271,9 @@ def test_passes_on_vs_off_same_tokens_end_to_end():
     model = models.build("phi3")
     ids, mask = models.left_padded_batch()
     ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
-    off = pdcompile.optimize(model, backend="eager", max_seq_len=128,
-                             disable_passes=("fuse_causal_mask", "prune_final_layer", "decode_attention_mask"))
+    from pdcompile.passes import ALL_PASSES
+
+    off = pdcompile.optimize(model, backend="eager", max_seq_len=128, disable_passes=tuple(ALL_PASSES))
     on = pdcompile.optimize(model, backend="eager", max_seq_len=128)
     kw = dict(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
     assert torch.equal(off.generate(**kw), ref)

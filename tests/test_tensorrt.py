@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import models
+from conftest import optimized
 import pdcompile
 from pdcompile.backends import tensorrt as trt_backend
 from pdcompile.bundle import read_manifest
@@ -49,8 +50,8 @@ def test_cpu_model_is_refused(llama_eager, monkeypatch):
         trt_backend.compile_phase(fast.graphs["decode"], "decode", None, options)
 
 
-def test_optimization_profile(llama_eager):
-    _, fast = llama_eager  # tiny llama: 2 kv heads of 16, optimized with max_seq_len=256
+def test_optimization_profile():
+    _, fast = optimized("llama", "eager", paged=False)  # tiny llama: 2 kv heads of 16, max_seq_len=256
     prefill = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 8, 256)
     assert [p[0] for p in prefill] == ["input_ids", "last_idx", "caches_0", "caches_1", "caches_2", "caches_3"]
     assert prefill[0][1:] == ((1, 1), (1, 128), (8, 256), torch.int64)
@@ -63,6 +64,18 @@ def test_optimization_profile(llama_eager):
     small = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 1, 64)
     assert small[0][1:4] == ((1, 1), (1, 64), (1, 64))  # opt shapes clipped to the limits
     assert small[2][1:4] == ((1, 2, 2, 16), (1, 2, 64, 16), (1, 2, 64, 16))
+
+
+def test_optimization_profile_paged(llama_eager):
+    _, fast = llama_eager  # paged: block tables, slot mappings and pools of 16-token blocks
+    prefill = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 8, 256, pool_blocks=129)
+    assert [p[0] for p in prefill] == ["input_ids", "last_idx", "block_table", "slot_mapping",
+                                       "pool_0", "pool_1", "pool_2", "pool_3"]
+    assert prefill[2][1:4] == ((1, 1), (1, 16), (8, 16))  # up to 256 / 16 blocks per sequence (opt clipped)
+    assert prefill[3][1:4] == ((1, 1), (1, 128), (8, 256))
+    assert prefill[4][1:4] == ((129, 16, 2, 16),) * 3  # the pool the runtime allocated
+    decode = trt_backend.optimization_profile(fast.graphs["decode"], "decode", 8, 256, pool_blocks=129)
+    assert decode[3][0] == "slot_mapping" and decode[3][1:4] == ((1,), (1,), (8,))
 
 
 def _assert_greedy_parity(model, fast, lengths):
@@ -81,7 +94,8 @@ def test_lowered_program_matches_hf(monkeypatch):
     write-back of the updated caches keep greedy tokens identical to HF eager."""
 
     def torch_runs_the_program(gm, phase, example_inputs, options):
-        return trt_backend.CompiledPhase(trt_backend._exported(gm, phase, options).module())
+        n_small = sum(1 for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith(("caches_", "pool_")))
+        return trt_backend.CompiledPhase(trt_backend._exported(gm, phase, options).module(), n_small)
 
     monkeypatch.setitem(pdcompile.backends._BACKENDS, "trt-lowering", torch_runs_the_program)
     model = models.build("llama")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..ops import attention_grouped
+from ..passes.functional_cache import is_cache_input
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,8 @@ class OrtPhase:
         self.session = ort.InferenceSession(source, opts, providers=providers(device))
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        # per-call inputs (ids, positions, block table, ...) come first, then the caches/pools
+        self.n_small = sum(1 for n in self.input_names if not is_cache_input(n))
         self._check_aliasing(proto)
         self._binding = None
         self._bound_key = None
@@ -146,7 +149,7 @@ class OrtPhase:
             for name in node.input:
                 consumers.setdefault(name, []).append(node.op_type)
         self.alias = {}
-        for i, name in enumerate(self.input_names[2:]):
+        for i, name in enumerate(self.input_names[self.n_small:]):
             ops = [op for op in consumers.get(name, []) if op != "Shape"]
             self.alias[i] = ops == ["ScatterND"]
             if not self.alias[i]:
@@ -159,20 +162,21 @@ class OrtPhase:
         args = (name, kind, index, _NP[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         (self._binding.bind_output if output else self._binding.bind_input)(*args)
 
-    def __call__(self, ids: torch.Tensor, idx: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        small, caches = inputs[: self.n_small], inputs[self.n_small:]
         key = (tuple(c.data_ptr() for c in caches), tuple(caches[0].shape))
         if self._binding is None or key != self._bound_key:
             self._binding = self.session.io_binding()
-            for i, (name, cache) in enumerate(zip(self.input_names[2:], caches)):
+            for i, (name, cache) in enumerate(zip(self.input_names[self.n_small:], caches)):
                 self._bind(cache, name)
                 if self.alias[i]:
                     self._bind(cache, self.output_names[1 + i], output=True)
-            self._copies = {}
             self._bound_key = key
-        # small per-call inputs: rebinding costs microseconds
-        self._ids, self._idx = ids.contiguous(), idx.contiguous()
-        self._bind(self._ids, self.input_names[0])
-        self._bind(self._idx, self.input_names[1])
+        # small per-call inputs: rebinding costs microseconds; keep them alive until run
+        self._small = [t.contiguous() for t in small]
+        for name, t in zip(self.input_names, self._small):
+            self._bind(t, name)
+        ids = self._small[0]
         logits = torch.empty(ids.shape[0], *self._logits_tail(ids), dtype=caches[0].dtype, device=ids.device)
         self._bind(logits, self.output_names[0], output=True)
         for i, name in enumerate(self.output_names[1:]):

@@ -25,6 +25,8 @@ def dynamic_shapes(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, ma
     batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     cap = torch.export.Dim("capacity", min=2, max=max(max_seq_len, 3))
+    blocks = torch.export.Dim("kv_blocks_per_seq", min=1, max=max(max_seq_len, 2))
+    pool = torch.export.Dim("kv_pool_blocks", min=2)
     shapes = []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
@@ -33,6 +35,12 @@ def dynamic_shapes(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, ma
             shapes.append({0: batch, 1: seq} if phase != "decode" else {0: batch})
         elif node.name in ("last_idx", "pos", "start"):
             shapes.append({0: batch})
+        elif node.name == "block_table":
+            shapes.append({0: batch, 1: blocks})
+        elif node.name == "slot_mapping":
+            shapes.append({0: batch} if phase == "decode" else {0: batch, 1: seq})
+        elif node.name.startswith("pool_"):
+            shapes.append({0: pool})
         else:
             shapes.append({0: batch, 2: cap})
     return tuple(shapes)

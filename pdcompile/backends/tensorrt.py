@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..passes.functional_cache import is_cache_input
 from .inductor import _with_reference_attention
 from .program import export_program
 
@@ -70,8 +71,11 @@ def _cuda_device(device) -> torch.device:
     return device
 
 
-def optimization_profile(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int):
+def optimization_profile(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int,
+                         pool_blocks: int | None = None):
     """``[(name, min_shape, opt_shape, max_shape, dtype)]`` for the phase's inputs, in order.
+
+    A paged pool has the fixed size the runtime allocated (``pool_blocks``) when known.
 
     The ranges lie inside the dynamic dims :func:`~pdcompile.backends.program.export_program`
     declares, so every shape the runtime feeds (capacity rounded up, at least 2) is covered.
@@ -90,8 +94,17 @@ def optimization_profile(gm: torch.fx.GraphModule, phase: str, max_batch_size: i
         val = node.meta["val"]
         if node.name == "input_ids":
             dims = [batch, seq]
-        elif node.name in ("last_idx", "pos"):
+        elif node.name in ("last_idx", "pos", "start"):
             dims = [batch]
+        elif node.name == "block_table":  # paged: blocks per sequence
+            block = int(next(n for n in gm.graph.nodes if n.name.startswith("pool_")).meta["val"].shape[1])
+            per_seq = -(-max(max_seq_len, 2) // block)
+            dims = [batch, dim(1, -(-_OPT["capacity"] // block), per_seq)]
+        elif node.name == "slot_mapping":
+            dims = [batch] if phase == "decode" else [batch, seq]
+        elif node.name.startswith("pool_"):  # paged: [num_blocks, block_size, kv_heads, head_dim]
+            blocks = (pool_blocks,) * 3 if pool_blocks else dim(2, 1024, 1 << 16)
+            dims = [blocks] + [(int(d),) * 3 for d in val.shape[1:]]
         else:  # a cache [B, kv_heads, T, head_dim]
             heads, width = int(val.shape[1]), int(val.shape[3])
             dims = [batch, (heads,) * 3, cap, (width,) * 3]
@@ -103,7 +116,8 @@ def optimization_profile(gm: torch.fx.GraphModule, phase: str, max_batch_size: i
 def _inputs(torch_tensorrt, gm, phase: str, options: dict):
     return [
         torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=dtype)
-        for _, lo, opt, hi, dtype in optimization_profile(gm, phase, options["max_batch_size"], options["max_seq_len"])
+        for _, lo, opt, hi, dtype in optimization_profile(
+            gm, phase, options["max_batch_size"], options["max_seq_len"], options.get("kv_pool_blocks"))
     ]
 
 
@@ -125,14 +139,14 @@ def _write_back(caches, presents) -> None:
 
 
 class CompiledPhase:
-    """``(ids, idx, *caches) -> logits`` over the GraphModule ``torch_tensorrt.dynamo.compile`` returns."""
+    """``(*small inputs, *caches) -> logits`` over the GraphModule ``torch_tensorrt.dynamo.compile`` returns."""
 
-    def __init__(self, module: torch.nn.Module):
-        self.module = module
+    def __init__(self, module: torch.nn.Module, n_small: int):
+        self.module, self.n_small = module, n_small
 
-    def __call__(self, ids: torch.Tensor, idx: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
-        outs = self.module(ids, idx, *caches)  # (logits, present_0, present_1, ...)
-        _write_back(caches, outs[1:])
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        outs = self.module(*inputs)  # (logits, present_0, present_1, ...)
+        _write_back(inputs[self.n_small:], outs[1:])
         return outs[0]
 
 
@@ -147,7 +161,7 @@ def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options:
         min_block_size=1,  # no short run of convertible ops is left to PyTorch
         **_BUILD,
     )
-    return CompiledPhase(module)
+    return CompiledPhase(module, sum(1 for n in gm.graph.nodes if n.op == "placeholder" and not is_cache_input(n.name)))
 
 
 # ----------------------------------------------------------------------------- engines
@@ -200,23 +214,25 @@ def _binding_names(trt, engine, graph_inputs) -> tuple[list[str], list[str]]:
 
 
 class EnginePhase:
-    """Callable running one serialized TensorRT engine: ``(ids, idx, *caches) -> logits``."""
+    """Callable running one serialized TensorRT engine: ``(*small inputs, *caches) -> logits``."""
 
     def __init__(self, data: bytes, device: torch.device, inputs: list[str], outputs: list[str]):
         _, trt = _require_trt()
         self.device = device
         self.engine = _deserialize(trt, data, device)
-        if len(outputs) != len(inputs) - 1:  # logits + one present per cache; ids, idx + the caches
+        self.n_small = sum(1 for n in inputs if not is_cache_input(n))  # ids, positions, block table, ...
+        if len(outputs) != len(inputs) - self.n_small + 1:  # logits + one present per cache
             raise RuntimeError(f"TensorRT engine with inputs {inputs} and outputs {outputs} is not a pdcompile phase")
         self.inputs, self.outputs = inputs, outputs
         self.dtypes = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in inputs + outputs}
         with torch.cuda.device(device):
             self.context = self.engine.create_execution_context()
 
-    def __call__(self, ids: torch.Tensor, idx: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         ctx = self.context
+        caches = inputs[self.n_small:]
         bound = []  # held until enqueued, or an output could be allocated in a converted input's memory
-        for name, t in zip(self.inputs, (ids, idx, *caches)):
+        for name, t in zip(self.inputs, inputs):
             t = t.to(self.dtypes[name]).contiguous()  # no copy unless the engine took another dtype
             if not ctx.set_input_shape(name, tuple(t.shape)):
                 raise ValueError(f"input {name} of shape {tuple(t.shape)} is outside the TensorRT engine's profile")

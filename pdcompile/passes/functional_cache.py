@@ -32,8 +32,15 @@ from .utils import aten, val
 _INPLACE = {aten.index_copy_.default, aten.index_put_.default}
 
 
+def is_cache_input(name: str) -> bool:
+    """Contiguous caches (``caches_i``) and paged pools (``pool_i``): the state a phase updates."""
+    return name.startswith(("caches_", "pool_"))
+
+
 def _full_indices(graph, cache: torch.fx.Node, node: torch.fx.Node):
     """(indices over batch, head, slot; values [B, H, S, D]) for a cache write node."""
+    if node.target is aten.index_put_.default and all(i is not None for i in node.args[1]):
+        return list(node.args[1]), node.args[2]
     cv = val(cache)
     device = cv.device
     batch = graph.call_function(aten.sym_size.int, (cache, 0))
@@ -48,6 +55,8 @@ def _full_indices(graph, cache: torch.fx.Node, node: torch.fx.Node):
         slots = graph.call_function(aten.view.default, (slots, [1, 1, -1]))
         return [rows, head_idx, slots], src
     _, indices, values = node.args
+    if all(i is not None for i in indices):  # already one index per leading axis (paged pools)
+        return list(indices), values
     if len(indices) != 3 or indices[1] is not None:
         raise NotImplementedError(f"cache write {node.name} with indices {indices} is not [rows, :, slots]")
     rows, _, slots = indices
@@ -60,7 +69,7 @@ def _full_indices(graph, cache: torch.fx.Node, node: torch.fx.Node):
 def functionalize_cache_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """Rewrite ``gm`` in place as described above; return it."""
     graph = gm.graph
-    caches = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("caches")]
+    caches = [n for n in graph.nodes if n.op == "placeholder" and is_cache_input(n.name)]
     latest = {c: c for c in caches}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _INPLACE:

@@ -66,6 +66,16 @@ def make_paged(gm: torch.fx.GraphModule, block_size: int = DEFAULT_BLOCK_SIZE) -
     if not caches:
         return PassResult(gm, 0, "no cache inputs (already paged?)")
     ids = next(n for n in placeholders if n.name == "input_ids")
+    # The batch size may have been read off a cache (export picks any source for a
+    # symbol); read it off input_ids instead, so the cache can go.
+    for cache in caches:
+        for user in list(cache.users):
+            if user.target is aten.sym_size.int and user.args[1] == 0:
+                with graph.inserting_after(ids):
+                    batch_size = graph.call_function(aten.sym_size.int, (ids, 0))
+                batch_size.meta["val"] = user.meta.get("val")
+                user.replace_all_uses_with(batch_size)
+                graph.erase_node(user)
     plans = {}
     for cache in caches:
         writes = [u for u in cache.users if u.op == "call_function" and _classify(u)]
