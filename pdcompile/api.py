@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 
 import torch
@@ -109,6 +110,64 @@ def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_i
     return captured, graphs, report, config
 
 
+def compile_phases(backend: str, compile_phase, graphs: dict, options: dict) -> dict:
+    """Compile prefill and decode; for backends that lower to files, the two in parallel.
+
+    Lowering to ONNX is tracing-bound Python (one core each): the decode phase is lowered
+    in a forked child that writes its engine file while this process compiles prefill,
+    then loaded here. ``PDCOMPILE_PARALLEL_COMPILE=0`` turns this off; where fork is
+    unavailable, or the child fails (logged), the phases are compiled one after the other.
+    """
+    engine = _file_engine(backend)
+    if engine is None or len(graphs) < 2 or not hasattr(os, "fork") or os.environ.get("PDCOMPILE_PARALLEL_COMPILE") == "0":
+        return {phase: compile_phase(gm, phase, None, options) for phase, gm in graphs.items()}
+    import json
+    import shutil
+    import tempfile
+    import traceback
+
+    tmp = tempfile.mkdtemp(prefix="pdcompile-lower-")
+    child_phase = "decode"
+    pid = os.fork()
+    if pid == 0:  # child: lower one phase to a file, never return into the caller's code
+        code = 1
+        try:
+            logging.disable(logging.CRITICAL)  # the parent's handlers (and their locks) are not ours
+            torch.set_num_threads(1)
+            entry = engine.save_phase(graphs[child_phase], child_phase, tmp, options)
+            with open(os.path.join(tmp, "entry.json"), "w") as f:
+                json.dump(entry, f)
+            code = 0
+        except BaseException:
+            with open(os.path.join(tmp, "error.txt"), "w") as f:
+                f.write(traceback.format_exc())
+        finally:
+            os._exit(code)
+    try:
+        phases = {p: compile_phase(gm, p, None, options) for p, gm in graphs.items() if p != child_phase}
+        _, status = os.waitpid(pid, 0)
+        entry_path = os.path.join(tmp, "entry.json")
+        if status == 0 and os.path.exists(entry_path):
+            with open(entry_path) as f:
+                phases[child_phase] = engine.load_phase(tmp, json.load(f), options["device"])
+        else:
+            err = open(os.path.join(tmp, "error.txt")).read() if os.path.exists(os.path.join(tmp, "error.txt")) else f"exit status {status}"
+            logger.warning("parallel lowering of %s failed, compiling it here instead:\n%s", child_phase, err[-2000:])
+            phases[child_phase] = compile_phase(graphs[child_phase], child_phase, None, options)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {p: phases[p] for p in graphs}
+
+
+def _file_engine(backend: str):
+    """The engine module of backends whose compile is 'write a file, load it' (onnxruntime)."""
+    if backend != "onnxruntime":
+        return None
+    from .backends import onnxruntime as engine
+
+    return engine
+
+
 def _is_paged(gm) -> bool:
     return any(n.op == "placeholder" and n.name.startswith("pool_") for n in gm.graph.nodes)
 
@@ -154,10 +213,8 @@ def optimize(
     pool_blocks = default_pool_blocks(captured.geometry, config.cache, seq_len) if config.cache.paged else None
     options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len, "device": device,
                "kv_pool_blocks": pool_blocks}
-    phases = {}
-    for phase, gm in graphs.items():
-        with _Stage(f"compile[{phase}:{backend_name}]", timings):
-            phases[phase] = compile_phase(gm, phase, None, options)
+    with _Stage(f"compile[{backend_name}]", timings):
+        phases = compile_phases(backend_name, compile_phase, graphs, options)
 
     def lazy(phase):
         def build():
