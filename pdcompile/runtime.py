@@ -42,6 +42,8 @@ class Sequences:
     blocks: list[list[int]] | None = None  # paged cache: the blocks each row owns, in position order
     reused: list[int] = field(default_factory=list)  # prompt tokens served by the prefix cache, per row
     finished: bool = False
+    table: torch.Tensor | None = None  # paged: block_table as last sent to the graphs
+    table_key: tuple = ()  # paged: blocks per row when ``table`` was built
 
 
 class PhaseRunner:
@@ -182,11 +184,15 @@ class PagedRunner(PhaseRunner):
             seqs.blocks[row].extend(self.pool.allocate(need))
 
     def _table(self, seqs: Sequences) -> torch.Tensor:
-        width = max(len(b) for b in seqs.blocks)
-        table = torch.zeros(len(seqs.blocks), width, dtype=torch.long)
-        for row, blocks in enumerate(seqs.blocks):
-            table[row, : len(blocks)] = torch.tensor(blocks)
-        return table.to(self.device)
+        """block_table [B, M]; rebuilt only when a row got new blocks."""
+        key = tuple(len(b) for b in seqs.blocks)
+        if seqs.table is None or key != seqs.table_key:
+            width = max(key)
+            table = torch.zeros(len(seqs.blocks), width, dtype=torch.long)
+            for row, blocks in enumerate(seqs.blocks):
+                table[row, : len(blocks)] = torch.tensor(blocks)
+            seqs.table, seqs.table_key = table.to(self.device), key
+        return seqs.table
 
     def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
         self.check_request(ids.shape[0], int(lengths.max()), max_new_tokens)
@@ -237,12 +243,14 @@ class PagedRunner(PhaseRunner):
 
     def decode(self, seqs: Sequences, tokens: torch.Tensor) -> torch.Tensor:
         positions = seqs.pos.tolist()
+        if max(positions) + 1 > self.max_seq_len:
+            raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
         for row, p in enumerate(positions):
-            if p + 1 > self.max_seq_len:
-                raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
-            self._ensure(seqs, row, p + 1)  # forward() continues without a reservation
-        slots = torch.tensor([self._slot(seqs, row, p) for row, p in enumerate(positions)], device=self.device)
+            if p // self.block_size >= len(seqs.blocks[row]):  # forward() continues without a reservation
+                self._ensure(seqs, row, p + 1)
         table = self._table(seqs)
+        rows = torch.arange(len(positions), device=self.device)
+        slots = table[rows, seqs.pos // self.block_size] * self.block_size + seqs.pos % self.block_size
         logits = self.phase("decode")(tokens.reshape(-1, 1).contiguous(), seqs.pos, table, slots, *self.pools)
         seqs.pos += 1
         return logits

@@ -57,12 +57,30 @@ def onnx_model(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_se
     ep = export_program(gm, phase, max_batch_size, max_seq_len, functional=True)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
-    # optimize=False: ONNX Runtime's own graph optimizer runs when the session loads;
-    # only the identity transposes the exporter puts in front of ScatterND go now, so that
-    # each cache input visibly feeds its in-place write (see OrtPhase._check_aliasing).
-    proto = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs).model_proto
+    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
+    _optimize_for_ort(prog.model)
+    proto = prog.model_proto
+    # The exporter puts identity transposes in front of ScatterND; without them each cache
+    # input visibly feeds only its in-place write (see OrtPhase._check_aliasing).
     _drop_identity_transposes(proto.graph)
     return proto
+
+
+def _optimize_for_ort(model) -> None:
+    """onnxscript's optimizer (constant folding of the shape arithmetic a dynamic export
+    is full of) and its ONNX Runtime fusions (RMSNorm -> SimplifiedLayerNormalization,
+    residual + RMSNorm -> SkipSimplifiedLayerNormalization, rotary -> RotaryEmbedding):
+    about 600 -> 450 nodes for an 8-layer Llama decode step, a third faster here.
+    Attention is left alone (ours is already the grouped, copy-free form)."""
+    import onnxscript
+
+    onnxscript.optimizer.optimize(model)
+    try:
+        from onnxscript.rewriter.ort_fusions import optimize_for_ort
+    except ImportError:
+        logger.warning("this onnxscript has no ONNX Runtime fusions; the ONNX models run unfused (slower)")
+        return
+    optimize_for_ort(model)
 
 
 def _drop_identity_transposes(graph) -> None:
@@ -125,6 +143,9 @@ class OrtPhase:
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Threads spin inside a run but stop at its end: idle sessions (prefill while
+        # decoding, and the other way round) must not burn the cores the next run needs.
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.device = device
         if isinstance(model, (str, Path)):
             source = str(model)
