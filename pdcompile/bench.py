@@ -99,21 +99,31 @@ def model_costs(model, prompt_len: int, batch: int = 1) -> dict:
 # ------------------------------------------------------------------ systems
 
 class PdcompileSystem:
-    """pdcompile.optimize on one backend, timed with the same streamer hooks as the peers."""
+    """pdcompile.optimize on one backend, timed with the same streamer hooks as the peers.
 
-    def __init__(self, model, backend: str, max_seq_len: int, max_batch_size: int, disable_passes=()):
-        self.model, self.backend, self.disable = model, backend, tuple(disable_passes)
+    The prefix cache is off: the benchmark sends the same prompt every round, and TTFT
+    must be the cost of a prompt the model has not seen (the prefix cache has its own
+    measurement, :func:`measure_prefix_cache`).
+    """
+
+    def __init__(self, model, backend: str, max_seq_len: int, max_batch_size: int, disable_passes=(),
+                 paged: bool = True):
+        self.model, self.backend, self.disable, self.paged = model, backend, tuple(disable_passes), paged
         self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
-        suffix = " (passes off)" if self.disable else ""
+        suffix = (" (passes off)" if self.disable else "") + ("" if paged else " (contiguous KV)")
         self.name = f"pdcompile[{backend}]{suffix}"
         self.fast = None
 
-    def prepare(self) -> float:
+    def prepare(self, input_ids=None, attention_mask=None, max_new_tokens: int = 16) -> float:
+        """Capture + compile, then one warm-up generate (as the peers' prepare does)."""
         from . import optimize
 
         t0 = time.perf_counter()
         self.fast = optimize(self.model, backend=self.backend, max_batch_size=self.max_batch_size,
-                             max_seq_len=self.max_seq_len, disable_passes=self.disable)
+                             max_seq_len=self.max_seq_len, disable_passes=self.disable, paged=self.paged,
+                             prefix_cache=False)
+        if input_ids is not None:
+            self.generate(input_ids, attention_mask, max_new_tokens)
         return time.perf_counter() - t0
 
     def generate(self, input_ids, attention_mask, max_new_tokens):
@@ -174,31 +184,38 @@ class BenchConfig:
     position_tokens: int = 256
     passes_off: bool = True  # also measure pdcompile's default backend with every pass disabled
     max_seq_len: int = 4096
+    contiguous: bool = True  # also measure the default backend with the contiguous (unpaged) cache
+    kv_experiments: bool = True  # paged vs contiguous KV memory; TTFT with a cached prefix vs cold
+    prefix_len: int = 512
 
 
 def build_systems(model, cfg: BenchConfig) -> list:
     from .backends import default_backend
+    from .peers import PEERS
 
     systems = []
     for backend in cfg.backends:
         systems.append(PdcompileSystem(model, backend, cfg.max_seq_len, max(cfg.batches)))
+    default = default_backend(torch.device("cpu"))
     if cfg.passes_off:
         from .passes import ALL_PASSES
 
-        systems.append(PdcompileSystem(model, default_backend(torch.device("cpu")), cfg.max_seq_len,
-                                       max(cfg.batches), disable_passes=tuple(ALL_PASSES)))
-    if cfg.peers:
-        from . import peers as peer_mod
-
-        table = {"hf-eager": peer_mod.HFEager, "hf-static-compile": peer_mod.HFStaticCompile,
-                 "exporters-onnx": peer_mod.ExportersOnnx}
-        for name in cfg.peers:
-            systems.append(table[name](model))
+        # paged_kv stays: "passes off" is about the prefill/decode rewrites, not the cache layout
+        off = tuple(p for p in ALL_PASSES if p != "paged_kv")
+        systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), disable_passes=off))
+    if cfg.contiguous:
+        systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), paged=False))
+    for name in cfg.peers:
+        if name not in PEERS:
+            raise ValueError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
+        systems.append(PEERS[name](model))
     return systems
 
 
 def run(model, cfg: BenchConfig, progress=None) -> dict:
     """Measure every system; returns the JSON-able results."""
+    from .backends import default_backend
+
     say = progress or (lambda msg: logger.info(msg))
     vocab = model.get_input_embeddings().weight.shape[0]
     say("measuring memory bandwidth and matmul throughput")
@@ -211,18 +228,18 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
     systems = build_systems(model, cfg)
     results = {s.name: Result(s.name) for s in systems}
     live = []
+    ids, mask = _prompt(1, cfg.prompt_len, vocab)
     for s in systems:
         say(f"preparing {s.name}")
         rss0 = _rss_mb()
         try:
-            results[s.name].prepare_s = s.prepare()
+            results[s.name].prepare_s = s.prepare(ids, mask, cfg.new_tokens)
             live.append(s)
         except Exception as e:  # a system that cannot run here is reported, not fatal
             results[s.name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             logger.warning("%s failed to prepare: %s", s.name, results[s.name].error)
         results[s.name].rss_mb = _rss_mb() - rss0
 
-    ids, mask = _prompt(1, cfg.prompt_len, vocab)
     reference = None
     per_round: dict[str, list] = {s.name: [] for s in live}
     throughput: dict[str, dict[int, list]] = {s.name: {b: [] for b in cfg.batches} for s in live}
@@ -290,6 +307,18 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
             results[s.name].prepare_warm_s = s.prepare()
         gc.collect()
 
+    extras = {}
+    default = next((s for s in live if isinstance(s, PdcompileSystem) and not s.disable and s.paged
+                    and s.backend == default_backend(torch.device("cpu"))), None)
+    contiguous = next((s for s in live if isinstance(s, PdcompileSystem) and not s.paged), None)
+    if cfg.kv_experiments and default is not None:
+        if contiguous is not None:
+            say("KV memory of a mixed-length batch: paged vs contiguous")
+            extras["kv_memory"] = measure_kv_memory(default.fast, contiguous.fast, vocab, cfg.new_tokens)
+        if cfg.prefix_len + 64 <= cfg.max_seq_len:
+            say(f"TTFT with a cached {cfg.prefix_len}-token prefix vs cold")
+            extras["prefix_cache"] = measure_prefix_cache(model, default.backend, cfg, vocab)
+
     return {
         "machine": machine_info(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -305,6 +334,95 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
             "prefill_floor_ms": prefill_floor_s * 1e3,
         },
         "results": [asdict(r) for r in results.values()],
+        **extras,
+    }
+
+
+def _capture_finish(fast) -> list:
+    """Record each finished batch's KV footprint (bytes held at its end = its peak: the
+    cache only grows during a call) by wrapping the runner's finish()."""
+    runner, seen = fast.runner, []
+    original = runner.finish
+
+    def finish(seqs):
+        if not seqs.finished:
+            if runner.paged:
+                seen.append(sum(len(b) for b in seqs.blocks) * runner.pool.bytes_per_block)
+            elif seqs.caches is not None:
+                seen.append(sum(c.numel() * c.element_size() for c in seqs.caches))
+        original(seqs)
+
+    runner.finish = finish
+    return seen
+
+
+def measure_kv_memory(paged, contiguous, vocab: int, new_tokens: int, lengths=(24, 100, 300, 700)) -> dict:
+    """KV bytes one left-padded batch of very different prompt lengths holds, on the paged
+    runner (whole blocks per row) and on the contiguous one (every row sized for the longest)."""
+    lengths = [n for n in lengths if n + new_tokens <= min(paged.runner.max_seq_len, contiguous.runner.max_seq_len)]
+    width = max(lengths)
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(3, vocab, (len(lengths), width), generator=g)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, width - n:] = 1
+    ids = ids.masked_fill(mask == 0, 0)
+    out = {}
+    tokens = {}
+    for name, fast in (("paged", paged), ("contiguous", contiguous)):
+        seen = _capture_finish(fast)
+        try:
+            tokens[name] = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        finally:
+            del fast.runner.finish  # back to the class's method
+        out[f"{name}_bytes"] = seen[-1]
+    per_token = paged.runner.geometry.bytes_per_token()
+    out.update(
+        prompt_lengths=lengths, new_tokens=new_tokens, block_size=paged.runner.block_size,
+        live_token_bytes=sum(n + new_tokens for n in lengths) * per_token,
+        tokens_identical=bool(torch.equal(tokens["paged"], tokens["contiguous"])),
+    )
+    return out
+
+
+def measure_prefix_cache(model, backend: str, cfg: "BenchConfig", vocab: int, question: int = 32) -> dict:
+    """TTFT of a prompt whose first ``cfg.prefix_len`` tokens are already in the pool (a
+    shared system prompt) against the same length cold (a prefix never seen), interleaved,
+    medians; the warm call's tokens are checked against HF eager."""
+    from . import optimize
+    from .timing import TimingStreamer
+
+    fast = optimize(model, backend=backend, max_batch_size=1, max_seq_len=cfg.max_seq_len, prefix_cache=True)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, vocab, (1, cfg.prefix_len), generator=g)
+
+    def ttft(ids):
+        streamer = TimingStreamer()
+        t0 = time.perf_counter()
+        out = fast.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                            do_sample=False, streamer=streamer)
+        return (streamer.token_times[0] - t0) * 1e3, out, fast.last_timings.reused_tokens[0]
+
+    def question_ids():
+        return torch.randint(3, vocab, (1, question), generator=g)
+
+    ttft(torch.cat([shared, question_ids()], 1))  # registers the prefix; builds the extend graph
+    ttft(torch.cat([torch.randint(3, vocab, (1, cfg.prefix_len), generator=g), question_ids()], 1))
+    cold, warm, reused = [], [], 0
+    for _ in range(max(cfg.repeats, 5)):
+        c, _, r_cold = ttft(torch.cat([torch.randint(3, vocab, (1, cfg.prefix_len), generator=g), question_ids()], 1))
+        prompt = torch.cat([shared, question_ids()], 1)
+        w, out, reused = ttft(prompt)
+        cold.append(c)
+        warm.append(w)
+        if r_cold:
+            raise RuntimeError("a cold prompt hit the prefix cache; the measurement is invalid")
+    with torch.no_grad():
+        ref = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False)
+    return {
+        "prefix_len": cfg.prefix_len, "question_len": question, "reused_tokens": reused,
+        "cold_ttft_ms": statistics.median(cold), "cached_ttft_ms": statistics.median(warm),
+        "tokens_match_hf": bool(torch.equal(out, ref)),
     }
 
 
@@ -361,11 +479,37 @@ def markdown_table(data: dict) -> str:
             f"{tps.get('1', float('nan')):.1f} | {tps.get('8', float('nan')):.1f} | {r['prepare_s']:.1f}{warm} | "
             f"{r['rss_mb']:.0f} | {'yes' if r['tokens_match_hf'] else 'NO' if r['tokens_match_hf'] is False else '-'} |"
         )
+    kv = data.get("kv_memory")
+    if kv:
+        mib = 2**20
+        lines += [
+            "",
+            f"KV cache of one left-padded batch, prompts {kv['prompt_lengths']} + {kv['new_tokens']} new tokens "
+            f"(tokens identical paged vs contiguous: {'yes' if kv['tokens_identical'] else 'NO'}):",
+            "",
+            "| layout | KV MiB held | x live tokens |",
+            "| --- | --- | --- |",
+            f"| live tokens (lower bound) | {kv['live_token_bytes'] / mib:.1f} | 1.00 |",
+            f"| paged ({kv['block_size']}-token blocks) | {kv['paged_bytes'] / mib:.1f} | {kv['paged_bytes'] / kv['live_token_bytes']:.2f} |",
+            f"| contiguous | {kv['contiguous_bytes'] / mib:.1f} | {kv['contiguous_bytes'] / kv['live_token_bytes']:.2f} |",
+        ]
+    pc = data.get("prefix_cache")
+    if pc:
+        lines += [
+            "",
+            f"Prefix cache: prompt = {pc['prefix_len']}-token shared prefix + {pc['question_len']}-token question; "
+            f"cold TTFT {pc['cold_ttft_ms']:.1f} ms, cached-prefix TTFT {pc['cached_ttft_ms']:.1f} ms "
+            f"({pc['cold_ttft_ms'] / pc['cached_ttft_ms']:.1f}x faster, {pc['reused_tokens']} tokens reused; "
+            f"tokens = HF: {'yes' if pc['tokens_match_hf'] else 'NO'}).",
+        ]
     return "\n".join(lines)
 
 
 def plot(data: dict, path: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install 'pdcompile[bench]'") from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

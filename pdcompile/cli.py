@@ -222,7 +222,8 @@ def cmd_bench(args) -> int:
         model=spec, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
         backends=tuple(args.backends), peers=tuple(args.peers), passes_off=not args.no_passes_off,
         sweep_prompts=tuple(args.sweep) if args.sweep else (),
-        position_tokens=args.position_tokens,
+        position_tokens=args.position_tokens, contiguous=not args.no_contiguous,
+        kv_experiments=not args.no_kv_experiments, prefix_len=args.prefix_len,
         max_seq_len=min(args.max_seq_len, _model_limit(model)),
     )
     data = bench.run(model, cfg, progress=lambda m: logger.info(m))
@@ -281,6 +282,10 @@ def main(argv=None) -> int:
     p.add_argument("--backends", nargs="*", default=["onnxruntime", "inductor", "eager"])
     p.add_argument("--peers", nargs="*", default=["hf-eager", "hf-static-compile", "exporters-onnx"])
     p.add_argument("--no-passes-off", action="store_true", help="skip the passes-off variant")
+    p.add_argument("--no-contiguous", action="store_true", help="skip the contiguous-KV variant")
+    p.add_argument("--no-kv-experiments", action="store_true",
+                   help="skip paged-vs-contiguous KV memory and the cached-prefix TTFT")
+    p.add_argument("--prefix-len", type=int, default=512, help="shared prefix for the prefix-cache TTFT")
     p.add_argument("--sweep", nargs="*", type=int, default=[32, 64, 128, 256, 512, 1024, 2048],
                    help="prompt lengths for the TTFT plot (none: skip)")
     p.add_argument("--position-tokens", type=int, default=256, help="tokens generated for the TPOT-by-position plot")
