@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -226,6 +227,12 @@ def cmd_bench(args) -> int:
         kv_experiments=not args.no_kv_experiments, prefix_len=args.prefix_len,
         max_seq_len=min(args.max_seq_len, _model_limit(model)),
     )
+    if not args.keep_compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        # "cold" capture+compile means an empty inductor cache (for pdcompile and for HF's
+        # torch.compile peer alike); the warm re-prepare then finds this run's entries
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdcompile-bench-inductor-")
     data = bench.run(model, cfg, progress=lambda m: logger.info(m))
     out = args.json or f"bench-{spec.replace('/', '_')}.json"
     bench.save_json(data, out)
@@ -285,6 +292,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-contiguous", action="store_true", help="skip the contiguous-KV variant")
     p.add_argument("--no-kv-experiments", action="store_true",
                    help="skip paged-vs-contiguous KV memory and the cached-prefix TTFT")
+    p.add_argument("--keep-compile-cache", action="store_true",
+                   help="use the existing inductor cache (default: a fresh one, so 'cold' is cold)")
     p.add_argument("--prefix-len", type=int, default=512, help="shared prefix for the prefix-cache TTFT")
     p.add_argument("--sweep", nargs="*", type=int, default=[32, 64, 128, 256, 512, 1024, 2048],
                    help="prompt lengths for the TTFT plot (none: skip)")

@@ -90,4 +90,7 @@ def r1_model(seed: int = 0):
         hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
         num_key_value_heads=2, vocab_size=32000, max_position_embeddings=4096, initializer_range=0.1,
     )
-    return LlamaForCausalLM(config).eval()
+    model = LlamaForCausalLM(config).eval()
+    # no tokenizer, so no pad token: use EOS, as HF's generate would (with a warning per call)
+    model.generation_config.pad_token_id = config.eos_token_id
+    return model

@@ -74,13 +74,13 @@ def _optimize_for_ort(model) -> None:
     Attention is left alone (ours is already the grouped, copy-free form)."""
     import onnxscript
 
-    onnxscript.optimizer.optimize(model)
     try:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
     except ImportError:
         logger.warning("this onnxscript has no ONNX Runtime fusions; the ONNX models run unfused (slower)")
+        onnxscript.optimizer.optimize(model)
         return
-    optimize_for_ort(model)
+    optimize_for_ort(model)  # runs the optimizer itself first (with shape inference)
 
 
 def _drop_identity_transposes(graph) -> None:

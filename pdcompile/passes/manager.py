@@ -101,12 +101,14 @@ def run_pipeline(
     records: list[PassRecord] = []
     done: list[str] = []
     _dump(gm, phase, 0, "captured", "graph")
+    cost = None  # the graph's cost as the last pass left it (estimating walks the whole graph)
     for i, gpass in enumerate(pipeline, start=1):
         if not config.enabled(gpass.name):
             records.append(PassRecord(gpass.name, "disabled"))
             logger.info("[%s] %s: disabled", phase, gpass.name)
             continue
-        rec = PassRecord(gpass.name, "no match", nodes_before=len(gm.graph.nodes), cost_before=cost_fn(gm))
+        cost = cost if cost is not None else cost_fn(gm)
+        rec = PassRecord(gpass.name, "no match", nodes_before=len(gm.graph.nodes), cost_before=cost)
         t0 = time.perf_counter()
         try:
             result = gpass.fn(gm)
@@ -120,7 +122,7 @@ def run_pipeline(
         rec.matches, rec.detail = result.matches, result.detail
         rec.status = "applied" if result.matches else "no match"
         rec.nodes_after = len(gm.graph.nodes)
-        rec.cost_after = cost_fn(gm)
+        rec.cost_after = cost = cost_fn(gm)
         records.append(rec)
         done.append(gpass.name)
         _dump(gm, phase, i, gpass.name, "after")
