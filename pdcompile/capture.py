@@ -396,11 +396,11 @@ def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: in
     device = next(model.parameters()).device
     # Example sizes: distinct values > 1 (a size-1 example would be specialised) inside the
     # declared ranges, so that no dynamic dim is mistaken for another.
-    b = 3 if max_batch_size >= 3 else 2
+    b = 3  # whatever max_batch_size is (the range below covers it): see export_program
     t = min(23, max(max_seq_len, 3))
     s = min(5, t - 1)
     caches = geometry.allocate(b, t, device)
-    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 3))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     cap = torch.export.Dim("capacity", min=2, max=max(max_seq_len, 3))
     cache_dims = tuple({0: batch, 2: cap} for _ in caches)

@@ -22,7 +22,7 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 
 
 def dynamic_shapes(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int):
-    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 3))
     seq = torch.export.Dim("seq", min=1, max=max_seq_len)
     cap = torch.export.Dim("capacity", min=2, max=max(max_seq_len, 3))
     blocks = torch.export.Dim("kv_blocks_per_seq", min=1, max=max(max_seq_len, 2))
@@ -55,7 +55,9 @@ def export_program(
     if functional:
         functionalize_cache_writes(gm)
     # Example sizes inside the declared ranges, distinct and > 1 (see capture.py).
-    batch = 3 if max_batch_size >= 3 else 2
+    # always 3, whatever max_batch_size is (the Dim range covers it): with 2, the batch
+    # would equal the example block table's 2 blocks and export ties the two dims together
+    batch = 3
     prompt = min(5, max_seq_len - 1)
     # On the graph's device: a CUDA model's weights do not mix with CPU example inputs.
     device = next(n.meta["val"].device for n in gm.graph.nodes if n.op == "placeholder")
