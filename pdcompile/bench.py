@@ -182,7 +182,7 @@ class BenchConfig:
     peers: tuple = ("hf-eager", "hf-static-compile", "exporters-onnx")
     sweep_prompts: tuple = (32, 64, 128, 256, 512, 1024, 2048)
     position_tokens: int = 256
-    passes_off: bool = True  # also measure pdcompile's default backend with every pass disabled
+    passes_off: bool = True  # also measure the default backend with every pass but paged_kv disabled
     max_seq_len: int = 4096
     contiguous: bool = True  # also measure the default backend with the contiguous (unpaged) cache
     kv_experiments: bool = True  # paged vs contiguous KV memory; TTFT with a cached prefix vs cold
@@ -312,7 +312,7 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
     for s in systems:
         if isinstance(s, PdcompileSystem) and s.backend == "inductor" and s.name in [x.name for x in live]:
             say(f"re-preparing {s.name} (warm cache)")
-            results[s.name].prepare_warm_s = s.prepare()
+            results[s.name].prepare_warm_s = s.prepare(ids, mask, cfg.new_tokens)
         gc.collect()
 
     extras = {}
