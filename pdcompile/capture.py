@@ -173,50 +173,50 @@ class _ProbeCache(Cache):
 # --------------------------------------------------------------------------- wrappers
 
 
-class PrefillModule(torch.nn.Module):
-    """The prefill phase of the contract, as a module torch.export can trace."""
+class _PhaseModule(torch.nn.Module):
+    """What every phase wrapper shares: the model called on cache tensors it writes in place."""
 
     def __init__(self, model: torch.nn.Module, num_layers: int):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
 
-    def forward(self, input_ids, last_idx, *caches):
+    def _logits(self, input_ids, attention_mask, position_ids, caches, cache_pos, extend: bool = False):
+        layers = [_CaptureLayer(caches[2 * i], caches[2 * i + 1], cache_pos, extend=extend) for i in range(self.num_layers)]
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=_CaptureCache(layers),
+            use_cache=True,
+        )
+        return out.logits
+
+
+class PrefillModule(_PhaseModule):
+    """The prefill phase of the contract, as a module torch.export can trace."""
+
+    def _all_logits(self, input_ids, last_idx, caches):
         batch, seq = input_ids.shape
         positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
         # HF builds its causal+padding mask from this; the mask-fusion pass replaces it.
         attention_mask = positions <= last_idx.unsqueeze(1)
-        cache = _CaptureCache([_CaptureLayer(caches[2 * i], caches[2 * i + 1], None) for i in range(self.num_layers)])
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        rows = torch.arange(batch, device=input_ids.device)
-        return out.logits[rows, last_idx]
+        return self._logits(input_ids, attention_mask, positions, caches, None)
+
+    def forward(self, input_ids, last_idx, *caches):
+        logits = self._all_logits(input_ids, last_idx, caches)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        return logits[rows, last_idx]
 
 
 class ScoreModule(PrefillModule):
     """Prefill that returns the logits of every position, [B, S, V] (for forward())."""
 
     def forward(self, input_ids, last_idx, *caches):
-        batch, seq = input_ids.shape
-        positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
-        attention_mask = positions <= last_idx.unsqueeze(1)
-        cache = _CaptureCache([_CaptureLayer(caches[2 * i], caches[2 * i + 1], None) for i in range(self.num_layers)])
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return out.logits
+        return self._all_logits(input_ids, last_idx, caches)
 
 
-class ExtendModule(torch.nn.Module):
+class ExtendModule(_PhaseModule):
     """Extend: S new tokens per row after a cache that already holds positions 0..start[b]-1.
 
     ``extend(input_ids[B, S], start[B], last_idx[B], *caches) -> logits[B, V]``: token i
@@ -227,51 +227,24 @@ class ExtendModule(torch.nn.Module):
     offset for the whole batch.
     """
 
-    def __init__(self, model: torch.nn.Module, num_layers: int):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
-
     def forward(self, input_ids, start, last_idx, *caches):
         batch, seq = input_ids.shape
         capacity = caches[0].shape[2]
         positions = start.unsqueeze(1) + torch.arange(seq, device=input_ids.device).unsqueeze(0)
         slots = torch.arange(capacity, device=input_ids.device)
         attention_mask = (slots.view(1, 1, 1, -1) <= positions.view(batch, 1, seq, 1))
-        cache = _CaptureCache(
-            [_CaptureLayer(caches[2 * i], caches[2 * i + 1], start, extend=True) for i in range(self.num_layers)]
-        )
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        )
+        logits = self._logits(input_ids, attention_mask, positions, caches, start, extend=True)
         rows = torch.arange(batch, device=input_ids.device)
-        return out.logits[rows, last_idx]
+        return logits[rows, last_idx]
 
 
-class DecodeModule(torch.nn.Module):
+class DecodeModule(_PhaseModule):
     """The decode phase of the contract, as a module torch.export can trace."""
-
-    def __init__(self, model: torch.nn.Module, num_layers: int):
-        super().__init__()
-        self.model = model
-        self.num_layers = num_layers
 
     def forward(self, input_ids, pos, *caches):
         capacity = caches[0].shape[2]
         attention_mask = torch.arange(capacity, device=pos.device).unsqueeze(0) <= pos.unsqueeze(1)
-        cache = _CaptureCache([_CaptureLayer(caches[2 * i], caches[2 * i + 1], pos) for i in range(self.num_layers)])
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=pos.unsqueeze(1),
-            past_key_values=cache,
-            use_cache=True,
-        )
-        return out.logits[:, -1]
+        return self._logits(input_ids, attention_mask, pos.unsqueeze(1), caches, pos)[:, -1]
 
 
 # --------------------------------------------------------------------------- capture
