@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .hf_compat import cache_arg
+
 logger = logging.getLogger(__name__)
 
 
@@ -180,6 +182,7 @@ class _PhaseModule(torch.nn.Module):
         super().__init__()
         self.model = model
         self.num_layers = num_layers
+        self.cache_arg = cache_arg(model)
 
     def _logits(self, input_ids, attention_mask, position_ids, caches, cache_pos, extend: bool = False):
         layers = [_CaptureLayer(caches[2 * i], caches[2 * i + 1], cache_pos, extend=extend) for i in range(self.num_layers)]
@@ -187,8 +190,8 @@ class _PhaseModule(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=_CaptureCache(layers),
             use_cache=True,
+            **{self.cache_arg: _CaptureCache(layers)},
         )
         return out.logits
 
@@ -271,11 +274,14 @@ def check_supported(model: torch.nn.Module) -> None:
             "(AutoModelForCausalLM) only."
         )
     params = inspect.signature(model.forward).parameters
-    missing = [p for p in ("input_ids", "attention_mask", "position_ids", "past_key_values") if p not in params]
+    missing = [p for p in ("input_ids", "attention_mask", "position_ids") if p not in params]
+    if cache_arg(model) is None:
+        missing.append("cache (or past_key_values)")
     if missing:
         raise UnsupportedModelError(
             f"{name}.forward does not accept {missing}; pdcompile needs a causal LM whose forward takes "
-            "input_ids, attention_mask, position_ids and past_key_values."
+            "input_ids, attention_mask, position_ids and a KV cache (`cache=`, or `past_key_values=` before "
+            "transformers 5.24)."
         )
 
 
@@ -286,7 +292,7 @@ def probe_geometry(model: torch.nn.Module) -> CacheGeometry:
     ids = torch.tensor([[1, 2]], device=device)
     cache = _ProbeCache()
     try:
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **{cache_arg(model): cache})
     except (AttributeError, NotImplementedError, ValueError, TypeError) as e:
         raise UnsupportedModelError(
             f"{type(model).__name__} does not run with a standard key/value cache ({type(e).__name__}: {e}). "

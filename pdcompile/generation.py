@@ -275,7 +275,6 @@ def run_generate(
             sequences=sequences,
             scores=tuple(scores) if want_scores else None,
             logits=tuple(raw_logits) if want_logits else None,
-            past_key_values=None,
         )
     return sequences
 

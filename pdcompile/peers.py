@@ -64,6 +64,7 @@ import torch
 from transformers import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 
+from .hf_compat import CACHE_ARG_NAMES, cache_arg, output_cache
 from .generation import build_logits_processor, resolve_config, resolve_lengths
 from .timing import TimingStreamer
 
@@ -169,7 +170,7 @@ class HFStaticCompile(HFEager):
 
 # What the greedy loop below feeds the exported graphs: generate()'s own inputs for a
 # decoder-only model. An export that traced anything else is refused in _setup.
-_FED_INPUTS = {"input_ids", "attention_mask", "position_ids", "past_key_values"}
+_FED_INPUTS = {"input_ids", "attention_mask", "position_ids", *CACHE_ARG_NAMES}
 
 
 class ExportersOnnx(Peer):
@@ -271,7 +272,8 @@ class ExportersOnnx(Peer):
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         sequences, unfinished, times = input_ids, torch.ones(batch, dtype=torch.bool, device=input_ids.device), []
         with torch.no_grad():
-            out = self.prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache)
+            cache_name = cache_arg(self.model)
+            out = self.prefill(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, **{cache_name: cache})
             for _ in range(config.max_length - prompt_len):
                 # The prefill graph returns logits for every prompt position (the export
                 # drops generate's logits_to_keep): the last one is the next token's.
@@ -290,7 +292,7 @@ class ExportersOnnx(Peer):
                 # allocated, bound again as this call's inputs without a copy.
                 out = self.decode(
                     input_ids=next_tokens[:, None], attention_mask=mask, position_ids=position_ids,
-                    past_key_values=out.past_key_values,
+                    **{cache_name: output_cache(out)},
                 )
         return sequences, times
 

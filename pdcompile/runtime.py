@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CacheGeometry
+from .hf_compat import output_cache_field
 from .kv_pool import BlockPool, block_hashes
 from .generation import (
     GenerationTimings,
@@ -418,6 +419,7 @@ class OptimizedModel:
         attention_mask: torch.Tensor | None = None,
         past_key_values: PdcompileCache | None = None,
         use_cache: bool | None = None,
+        cache: PdcompileCache | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         **kwargs,
@@ -426,8 +428,13 @@ class OptimizedModel:
 
         Without ``past_key_values`` the call is a prefill of (left-padded) prompts; with
         the cache a previous call returned, ``input_ids`` must be one new token per row.
-        Logits at padding positions are zeros.
+        Logits at padding positions are zeros. The cache goes in and comes out under the name
+        the installed transformers uses (``cache``, ``past_key_values`` before 5.24); either
+        name is accepted.
         """
+        if cache is not None and past_key_values is not None:
+            raise ValueError("pass the cache as `cache=` or `past_key_values=`, not both")
+        past_key_values = cache if cache is not None else past_key_values
         unknown = {k: v for k, v in kwargs.items() if v is not None and k not in ("position_ids", "cache_position")}
         if unknown:
             raise NotImplementedError(f"forward() arguments not supported by pdcompile: {sorted(unknown)}")
@@ -436,15 +443,16 @@ class OptimizedModel:
         self.runner.check_ids(input_ids)
         use_cache = True if use_cache is None else use_cache
         if past_key_values is None:
-            logits, cache = self._forward_prefill(input_ids, attention_mask, logits_to_keep)
+            logits, new_cache = self._forward_prefill(input_ids, attention_mask, logits_to_keep)
         elif isinstance(past_key_values, PdcompileCache):
-            logits, cache = self._forward_decode(input_ids, past_key_values)
+            logits, new_cache = self._forward_decode(input_ids, past_key_values)
         else:
             raise TypeError(
                 f"past_key_values must be the cache a previous call of this model returned, got "
                 f"{type(past_key_values).__name__}"
             )
-        out = CausalLMOutputWithPast(logits=logits, past_key_values=cache if use_cache else None)
+        field = output_cache_field(CausalLMOutputWithPast)
+        out = CausalLMOutputWithPast(logits=logits, **{field: new_cache if use_cache else None})
         return out if return_dict is not False else out.to_tuple()
 
     def _forward_prefill(self, input_ids, attention_mask, logits_to_keep):
