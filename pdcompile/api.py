@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from . import capture as capture_mod
 from .backends import default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig
+from .executor import StepExecutor
+from .kv_cache import ContiguousKV, PagedKV
 from .passes import DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, paged_kv, run_pipeline
+from .phase import PassContext
 from .report import OptimizeReport
-from .runtime import OptimizedModel, PagedRunner, PhaseRunner
+from .runtime import OptimizedModel, Runner
 
 logger = logging.getLogger(__name__)
 
@@ -91,17 +94,25 @@ class _Stage:
             logger.info("%s done in %.1f s", self.name, dt)
 
 
+@dataclass(frozen=True)
+class PhaseGraph:
+    """A transformed phase graph and the context it was transformed in (signature included)."""
+
+    gm: torch.fx.GraphModule
+    ctx: PassContext
+
+
 def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_implementation: str = "sdpa"):
-    """Capture + pass pipelines, no compilation: (captured model, {phase: graph}, report)."""
+    """Capture + pass pipelines, no compilation: (captured model, {phase: PhaseGraph}, report, config)."""
     with _Stage("capture", timings):
         captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len, attn_implementation)
     report = OptimizeReport(backend=config.backend or "", timings=timings)
+    device = next(model.parameters()).device
     graphs = {}
-    for phase in ("prefill", "decode"):
+    for phase, (gm, signature) in captured.graphs.items():
         with _Stage(f"passes[{phase}]", timings):
-            graphs[phase], report.phases[phase] = run_pipeline(
-                getattr(captured, phase), PIPELINES[phase], config.passes, phase=phase)
-    if config.cache.paged and not all(_is_paged(g) for g in graphs.values()):
+            graphs[phase], report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, device)
+    if config.cache.paged and not all(g.ctx.signature.is_paged for g in graphs.values()):
         reason = next(r.detail for recs in report.phases.values() for r in recs if r.name == paged_kv.NAME and not r.matches)
         logger.warning("paged KV cache not applicable to this model (%s): using contiguous caches", reason)
         config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, paged=False),
@@ -110,66 +121,13 @@ def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_i
     return captured, graphs, report, config
 
 
-def compile_phases(backend: str, compile_phase, graphs: dict, options: dict) -> dict:
-    """Compile prefill and decode; for backends that lower to files, the two in parallel.
-
-    Lowering to ONNX is tracing-bound Python (one core each): the decode phase is lowered
-    in a forked child that writes its engine file while this process compiles prefill,
-    then loaded here. ``PDCOMPILE_PARALLEL_COMPILE=0`` turns this off; where fork is
-    unavailable, or the child fails (logged), the phases are compiled one after the other.
-    """
-    engine = _file_engine(backend)
-    if engine is None or len(graphs) < 2 or not hasattr(os, "fork") or os.environ.get("PDCOMPILE_PARALLEL_COMPILE") == "0":
-        return {phase: compile_phase(gm, phase, None, options) for phase, gm in graphs.items()}
-    import json
-    import shutil
-    import tempfile
-    import traceback
-
-    tmp = tempfile.mkdtemp(prefix="pdcompile-lower-")
-    child_phase = "decode"
-    pid = os.fork()
-    if pid == 0:  # child: lower one phase to a file, never return into the caller's code
-        code = 1
-        try:
-            logging.disable(logging.CRITICAL)  # the parent's handlers (and their locks) are not ours
-            torch.set_num_threads(1)
-            entry = engine.save_phase(graphs[child_phase], child_phase, tmp, options)
-            with open(os.path.join(tmp, "entry.json"), "w") as f:
-                json.dump(entry, f)
-            code = 0
-        except BaseException:
-            with open(os.path.join(tmp, "error.txt"), "w") as f:
-                f.write(traceback.format_exc())
-        finally:
-            os._exit(code)
-    try:
-        phases = {p: compile_phase(gm, p, None, options) for p, gm in graphs.items() if p != child_phase}
-        _, status = os.waitpid(pid, 0)
-        entry_path = os.path.join(tmp, "entry.json")
-        if status == 0 and os.path.exists(entry_path):
-            with open(entry_path) as f:
-                phases[child_phase] = engine.load_phase(tmp, json.load(f), options["device"])
-        else:
-            err = open(os.path.join(tmp, "error.txt")).read() if os.path.exists(os.path.join(tmp, "error.txt")) else f"exit status {status}"
-            logger.warning("parallel lowering of %s failed, compiling it here instead:\n%s", child_phase, err[-2000:])
-            phases[child_phase] = compile_phase(graphs[child_phase], child_phase, None, options)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return {p: phases[p] for p in graphs}
-
-
-def _file_engine(backend: str):
-    """The engine module of backends whose compile is 'write a file, load it' (onnxruntime)."""
-    if backend != "onnxruntime":
-        return None
-    from .backends import onnxruntime as engine
-
-    return engine
-
-
-def _is_paged(gm) -> bool:
-    return any(n.op == "placeholder" and n.name.startswith("pool_") for n in gm.graph.nodes)
+def run_phase_pipeline(gm, signature, config: OptimizeConfig, seq_len: int, device) -> tuple[PhaseGraph, list]:
+    """The phase's pipeline over ``gm``; returns the graph with its final context, and the pass records."""
+    ctx = PassContext(phase=signature.phase, signature=signature,
+                      cache=dataclasses.replace(config.cache, max_seq_len=seq_len), passes=config.passes,
+                      device=device)
+    gm, records, ctx = run_pipeline(gm, PIPELINES[signature.phase], ctx)
+    return PhaseGraph(gm, ctx), records
 
 
 def optimize(
@@ -180,6 +138,7 @@ def optimize(
     max_seq_len: int | None = None,
     disable_passes=(),
     paged: bool = True,
+    block_size: int = 16,
     prefix_cache: bool = True,
     kv_cache_memory: int | None = None,
     config: OptimizeConfig | None = None,
@@ -192,52 +151,54 @@ def optimize(
             ``None`` picks the default for the model's device.
         max_batch_size / max_seq_len: the capacity; requests beyond it raise.
         disable_passes: names of graph passes to skip (see ``pdcompile.passes``).
-        paged: KV cache as a shared pool of 16-token blocks (default) or one contiguous
-            cache per call.
+        paged: KV cache as a shared pool of ``block_size``-token blocks (default) or one
+            contiguous cache per call.
+        block_size: tokens per KV block of the paged pool (16).
         prefix_cache: reuse cached blocks of a repeated prompt prefix (paged only).
         kv_cache_memory: bytes for the paged pool (default: enough for max_batch_size
             full-length sequences, at most 512 MiB).
-        config: an :class:`OptimizeConfig` instead of the keyword arguments.
+        config: an :class:`OptimizeConfig` instead of the keyword arguments (block size,
+            pool size in blocks, backend options).
 
     Returns an :class:`OptimizedModel` with the HF model's generate()/forward().
     """
     config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes,
-                                      paged=paged, prefix_cache=prefix_cache, kv_cache_memory=kv_cache_memory)
+                                      paged=paged, block_size=block_size, prefix_cache=prefix_cache,
+                                      kv_cache_memory=kv_cache_memory)
     device = next(model.parameters()).device
     backend_name = config.backend or default_backend(device)
-    compile_phase = get_backend(backend_name)
+    lowering = get_backend(backend_name, config.backend_options)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     captured, graphs, report, config = transform(model, config, seq_len, timings)
     report.backend = backend_name
     pool_blocks = default_pool_blocks(captured.geometry, config.cache, seq_len) if config.cache.paged else None
-    options = {"max_batch_size": config.cache.max_batch_size, "max_seq_len": seq_len, "device": device,
-               "kv_pool_blocks": pool_blocks}
-    with _Stage(f"compile[{backend_name}]", timings):
-        phases = compile_phases(backend_name, compile_phase, graphs, options)
+    # Serially: lowering is Python-bound tracing (one core each), and a forked child to
+    # lower a phase in parallel cannot work once CUDA is initialised and is fragile next
+    # to threads; measured on 2 cores, see BENCHMARKS.md.
+    phases = {}
+    for phase, g in graphs.items():
+        with _Stage(f"compile[{backend_name}:{phase}]", timings):
+            phases[phase] = (lowering.lower(g.gm, g.ctx), g.ctx.signature)
 
     def lazy(phase):
         def build():
-            gm = capture_mod.capture_phase(model, phase, config.cache.max_batch_size, seq_len, captured.geometry)
-            gm, report.phases[phase] = run_pipeline(gm, PIPELINES[phase], config.passes, phase=phase)
-            graphs[phase] = gm
-            return compile_phase(gm, phase, None, options)
+            gm, signature = capture_mod.capture_phase(model, phase, config.cache.max_batch_size, seq_len,
+                                                      captured.geometry)
+            graphs[phase], report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, device)
+            return lowering.lower(graphs[phase].gm, graphs[phase].ctx), graphs[phase].ctx.signature
         return build
 
     timings["total"] = time.perf_counter() - t_start
     logger.info("optimize: %s backend ready in %.1f s", backend_name, timings["total"])
     vocab = model.get_input_embeddings().weight.shape[0]
-    args = (phases, captured.geometry, device, config.cache.max_batch_size, seq_len, vocab)
-    lazy_phases = {"score": lazy("score"), "extend": lazy("extend")}
+    executor = StepExecutor(phases, lazy={"score": lazy("score"), "extend": lazy("extend")})
     if config.cache.paged:
-        runner = PagedRunner(
-            *args, lazy_phases=lazy_phases, block_size=config.cache.block_size,
-            prefix_cache=config.cache.prefix_cache,
-            num_blocks=pool_blocks,
-        )
+        kv = PagedKV(captured.geometry, device, seq_len, num_blocks=pool_blocks, block_size=config.cache.block_size,
+                     prefix_cache=config.cache.prefix_cache)
     else:
-        runner = PhaseRunner(*args, lazy_phases=lazy_phases)
+        kv = ContiguousKV(captured.geometry, device, seq_len)
     return OptimizedModel(
-        runner, model.config, model.generation_config, original_model=model,
-        report=report, backend=backend_name, graphs=graphs,
+        Runner(kv, executor, config.cache.max_batch_size, vocab), model.config, model.generation_config,
+        original_model=model, report=report, backend=backend_name, graphs=graphs,
     )

@@ -347,24 +347,6 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
     }
 
 
-def _capture_finish(fast) -> list:
-    """Record each finished batch's KV footprint (bytes held at its end = its peak: the
-    cache only grows during a call) by wrapping the runner's finish()."""
-    runner, seen = fast.runner, []
-    original = runner.finish
-
-    def finish(seqs):
-        if not seqs.finished:
-            if runner.paged:
-                seen.append(sum(len(b) for b in seqs.blocks) * runner.pool.bytes_per_block)
-            elif seqs.caches is not None:
-                seen.append(sum(c.numel() * c.element_size() for c in seqs.caches))
-        original(seqs)
-
-    runner.finish = finish
-    return seen
-
-
 def measure_kv_memory(paged, contiguous, vocab: int, new_tokens: int, lengths=(24, 100, 300, 700)) -> dict:
     """KV bytes one left-padded batch of very different prompt lengths holds, on the paged
     runner (whole blocks per row) and on the contiguous one (every row sized for the longest)."""
@@ -379,15 +361,11 @@ def measure_kv_memory(paged, contiguous, vocab: int, new_tokens: int, lengths=(2
     out = {}
     tokens = {}
     for name, fast in (("paged", paged), ("contiguous", contiguous)):
-        seen = _capture_finish(fast)
-        try:
-            tokens[name] = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
-        finally:
-            del fast.runner.finish  # back to the class's method
-        out[f"{name}_bytes"] = seen[-1]
+        tokens[name] = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        out[f"{name}_bytes"] = fast.runner.kv.last_batch_bytes
     per_token = paged.runner.geometry.bytes_per_token()
     out.update(
-        prompt_lengths=lengths, new_tokens=new_tokens, block_size=paged.runner.block_size,
+        prompt_lengths=lengths, new_tokens=new_tokens, block_size=paged.runner.kv.block_size,
         live_token_bytes=sum(n + new_tokens for n in lengths) * per_token,
         tokens_identical=bool(torch.equal(tokens["paged"], tokens["contiguous"])),
     )

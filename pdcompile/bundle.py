@@ -28,22 +28,19 @@ from pathlib import Path
 
 import torch
 
+from .backends import backend_class, exportable_backends
 from .capture import CacheGeometry, LayerGeometry
-from .runtime import OptimizedModel, PagedRunner, PhaseRunner
+from .config import CacheConfig, PassConfig
+from .executor import StepExecutor
+from .kv_cache import ContiguousKV, PagedKV
+from .phase import PassContext, PhaseSignature
+from .runtime import OptimizedModel, Runner
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "pdcompile-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-# backend -> module with save_phase/load_phase
-_ENGINES = {
-    "onnxruntime": "pdcompile.backends.onnxruntime",
-    "inductor": "pdcompile.backends.inductor",
-    "tensorrt": "pdcompile.backends.tensorrt",
-}
-
 
 class BundleError(ValueError):
     """A bundle is missing, corrupted, or was made by an incompatible version."""
@@ -69,33 +66,15 @@ def _versions() -> dict:
     return out
 
 
-def _engine_module(backend: str):
-    if backend not in _ENGINES:
+def _backend(name: str, options=None):
+    """The backend that writes / reads this bundle's engines (one registry: pdcompile.backends)."""
+    backend = backend_class(name)
+    if not backend.exportable:
         raise ValueError(
-            f"backend {backend!r} cannot be exported: engines exist for {', '.join(sorted(_ENGINES))} "
+            f"backend {name!r} cannot be exported: engines exist for {', '.join(exportable_backends())} "
             "(the eager backend runs Python graphs and has no engine file)"
         )
-    return importlib.import_module(_ENGINES[backend])
-
-
-def _signature(phase: str, geometry: CacheGeometry, paged: bool, block_size: int) -> dict:
-    seq = "seq" if phase == "prefill" else 1
-    inputs = [
-        {"name": "input_ids", "dtype": "int64", "shape": ["batch", seq]},
-        {"name": "last_idx" if phase == "prefill" else "pos", "dtype": "int64", "shape": ["batch"]},
-    ]
-    if paged:
-        inputs.append({"name": "block_table", "dtype": "int64", "shape": ["batch", "blocks_per_seq"]})
-        inputs.append({"name": "slot_mapping", "dtype": "int64", "shape": ["batch", seq] if phase == "prefill" else ["batch"]})
-    dtype = str(geometry.dtype).replace("torch.", "")
-    for i, g in enumerate(geometry.layers):
-        for j, d in enumerate((g.head_dim, g.v_head_dim)):
-            if paged:
-                inputs.append({"name": f"pool_{2 * i + j}", "dtype": dtype, "shape": ["pool_blocks", block_size, g.kv_heads, d]})
-            else:
-                inputs.append({"name": f"caches_{2 * i + j}", "dtype": dtype, "shape": ["batch", g.kv_heads, "capacity", d]})
-    return {"inputs": inputs, "outputs": [{"name": "logits", "dtype": dtype, "shape": ["batch", "vocab"]}],
-            "cache_writes": "in place (pool_* / caches_*)"}
+    return backend(options)
 
 
 def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite: bool = False) -> Path:
@@ -109,10 +88,13 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    engine = _engine_module(backend)
     runner = model.runner
-    options = {"max_batch_size": runner.max_batch_size, "max_seq_len": runner.max_seq_len, "device": runner.device,
-               "kv_pool_blocks": runner.pool.num_blocks if runner.paged else None}
+    options = None
+    if backend == "tensorrt" and runner.paged:  # the engine's profile fixes the pool the runtime allocated
+        from .backends.tensorrt import TensorRTOptions
+
+        options = TensorRTOptions(pool_blocks=runner.kv.pool.num_blocks)
+    engine = _backend(backend, options)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
@@ -120,8 +102,9 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
         for phase in ("prefill", "decode"):
             t0 = time.perf_counter()
             logger.info("export: lowering %s for %s ...", phase, backend)
-            entry = engine.save_phase(model.graphs[phase], phase, tmp, options)
-            entry.update(_signature(phase, runner.geometry, runner.paged, getattr(runner, "block_size", 0)))
+            graph = model.graphs[phase]
+            entry = engine.save(graph.gm, graph.ctx, tmp)
+            entry["signature"] = graph.ctx.signature.to_dict()
             phases[phase] = entry
             logger.info("export: %s written in %.1f s", phase, time.perf_counter() - t0)
         model.config.to_json_file(tmp / "config.json")
@@ -140,7 +123,7 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
                        "vocab_size": runner.vocab_size},
             "cache": {"dtype": str(runner.geometry.dtype).replace("torch.", ""),
                       "layers": [vars(g) for g in runner.geometry.layers],
-                      "paged": runner.paged, "block_size": getattr(runner, "block_size", None)},
+                      "paged": runner.paged, "block_size": getattr(runner.kv, "block_size", None)},
             "phases": phases,
             "report": model.pdcompile_report().to_dict() if model.pdcompile_report() else None,
             "files": {},
@@ -225,7 +208,7 @@ def load(path, device: str | torch.device | None = None, kv_cache_memory: int | 
     verify(path, manifest)
     _check_versions(manifest)
     backend = manifest["backend"]
-    engine = _engine_module(backend)
+    engine = _backend(backend)
     device = torch.device(device or manifest.get("device", "cpu"))
     config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     gen_config = GenerationConfig.from_pretrained(path)
@@ -233,19 +216,24 @@ def load(path, device: str | torch.device | None = None, kv_cache_memory: int | 
     geometry = CacheGeometry(
         layers=tuple(LayerGeometry(**g) for g in cache["layers"]), dtype=getattr(torch, cache["dtype"])
     )
-    phases = {p: engine.load_phase(path, manifest["phases"][p], device) for p in ("prefill", "decode")}
     limits = manifest["limits"]
-    args = (phases, geometry, device, limits["max_batch_size"], limits["max_seq_len"], limits["vocab_size"])
-    if cache.get("paged"):
+    cc = CacheConfig(max_batch_size=limits["max_batch_size"], max_seq_len=limits["max_seq_len"],
+                     paged=bool(cache.get("paged")), block_size=cache.get("block_size") or 16,
+                     prefix_cache=False, kv_cache_memory=kv_cache_memory)
+    phases = {}
+    for p in ("prefill", "decode"):
+        entry = manifest["phases"][p]
+        ctx = PassContext(phase=p, signature=PhaseSignature.from_dict(entry["signature"]), cache=cc,
+                          passes=PassConfig(), device=device)
+        phases[p] = (engine.load(path, entry, ctx), ctx.signature)
+    if cc.paged:
         from .api import default_pool_blocks
-        from .config import CacheConfig
 
-        cc = CacheConfig(max_batch_size=limits["max_batch_size"], block_size=cache["block_size"],
-                         kv_cache_memory=kv_cache_memory)
-        runner = PagedRunner(*args, block_size=cache["block_size"], prefix_cache=False,
-                             num_blocks=default_pool_blocks(geometry, cc, limits["max_seq_len"]))
+        kv = PagedKV(geometry, device, cc.max_seq_len, block_size=cc.block_size, prefix_cache=False,
+                     num_blocks=default_pool_blocks(geometry, cc, cc.max_seq_len))
     else:
-        runner = PhaseRunner(*args)
+        kv = ContiguousKV(geometry, device, cc.max_seq_len)
+    runner = Runner(kv, StepExecutor(phases), cc.max_batch_size, limits["vocab_size"])
     from .report import OptimizeReport
 
     report = OptimizeReport.from_dict(manifest["report"]) if manifest.get("report") else OptimizeReport(backend)

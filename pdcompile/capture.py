@@ -38,6 +38,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .hf_compat import cache_arg
+from .phase import PhaseSignature
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,10 @@ class CacheGeometry:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def kv_shapes(self) -> list[tuple[int, int]]:
+        """(kv_heads, head_dim) of every cache tensor, in graph order: k_0, v_0, k_1, v_1, ..."""
+        return [(g.kv_heads, d) for g in self.layers for d in (g.head_dim, g.v_head_dim)]
 
     def bytes_per_token(self) -> int:
         item = torch.empty((), dtype=self.dtype).element_size()
@@ -255,10 +260,9 @@ class DecodeModule(_PhaseModule):
 
 @dataclass
 class CapturedModel:
-    """The two phase graphs (flat inputs, params as attributes) and the cache they expect."""
+    """The phase graphs (flat inputs, params as attributes), their signatures, the cache they expect."""
 
-    prefill: torch.fx.GraphModule
-    decode: torch.fx.GraphModule
+    graphs: dict[str, tuple[torch.fx.GraphModule, PhaseSignature]]
     geometry: CacheGeometry
     timings: dict[str, float]
 
@@ -371,39 +375,37 @@ class _attn_implementation:
             self.model.set_attn_implementation(self.prev)
 
 
+_MODULES = {"prefill": PrefillModule, "decode": DecodeModule, "extend": ExtendModule, "score": ScoreModule}
+
+
 def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: int, max_seq_len: int):
+    """(graph, signature) of one phase; the signature's dims are the export's dynamic dims."""
     device = next(model.parameters()).device
+    signature = PhaseSignature.contiguous(phase, geometry)
     # Example sizes: distinct values > 1 (a size-1 example would be specialised) inside the
     # declared ranges, so that no dynamic dim is mistaken for another.
-    b = 3  # whatever max_batch_size is (the range below covers it): see export_program
+    b = 3  # whatever max_batch_size is (the range covers it): see phase.export_dims
     t = min(23, max(max_seq_len, 3))
     s = min(5, t - 1)
     caches = geometry.allocate(b, t, device)
-    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 3))
-    seq = torch.export.Dim("seq", min=1, max=max_seq_len)
-    cap = torch.export.Dim("capacity", min=2, max=max(max_seq_len, 3))
-    cache_dims = tuple({0: batch, 2: cap} for _ in caches)
-    ids = torch.ones(b, s, dtype=torch.long, device=device)
-    if phase == "decode":
-        module = DecodeModule(model, geometry.num_layers)
-        args = (ids[:, :1].contiguous(), torch.arange(b, device=device) + 1, *caches)
-        dims = ({0: batch}, {0: batch}, cache_dims)
-    elif phase == "extend":
-        module = ExtendModule(model, geometry.num_layers)
-        start = torch.arange(b, device=device) + 2  # start + s stays inside the example capacity
-        args = (ids, start, (s - 1 - torch.arange(b, device=device)).clamp(min=0), *caches)
-        dims = ({0: batch, 1: seq}, {0: batch}, {0: batch}, cache_dims)
-    else:
-        cls = PrefillModule if phase == "prefill" else ScoreModule
-        module = cls(model, geometry.num_layers)
-        args = (ids, (s - 1 - torch.arange(b, device=device)).clamp(min=0), *caches)
-        dims = ({0: batch, 1: seq}, {0: batch}, cache_dims)
+    ids = torch.ones(b, s if signature.inputs[0].shape[1] == "seq" else 1, dtype=torch.long, device=device)
+    last_idx = (s - 1 - torch.arange(b, device=device)).clamp(min=0)
+    rows = {
+        "prefill": (last_idx,),
+        "score": (last_idx,),
+        "decode": (torch.arange(b, device=device) + 1,),
+        "extend": (torch.arange(b, device=device) + 2, last_idx),  # start + s stays inside the example capacity
+    }[phase]
+    module = _MODULES[phase](model, geometry.num_layers)
+    dims = signature.export_dims(max_batch_size, max_seq_len)
+    plain = 1 + len(rows)
+    dims = (*dims[:plain], dims[plain:])  # the modules take the caches as *caches: one tuple
     t0 = time.perf_counter()
     with torch.no_grad():
-        ep = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
+        ep = torch.export.export(module, (ids, *rows, *caches), dynamic_shapes=dims, strict=False)
     gm = _flat_graph_module(ep)
     logger.info("captured %s graph: %d nodes in %.1f s", phase, len(gm.graph.nodes), time.perf_counter() - t0)
-    return gm
+    return gm, signature
 
 
 class _capture_mode:
@@ -442,12 +444,12 @@ def capture(
             t0 = time.perf_counter()
             graphs[phase] = _export_phase(model, phase, geometry, max_batch_size, max_seq_len)
             timings[f"export_{phase}"] = time.perf_counter() - t0
-    return CapturedModel(prefill=graphs["prefill"], decode=graphs["decode"], geometry=geometry, timings=timings)
+    return CapturedModel(graphs=graphs, geometry=geometry, timings=timings)
 
 
 def capture_phase(
     model: torch.nn.Module, phase: str, max_batch_size: int, max_seq_len: int, geometry: CacheGeometry
-) -> torch.fx.GraphModule:
+) -> tuple[torch.fx.GraphModule, PhaseSignature]:
     """One more phase graph on demand: "score" (prefill returning every position's logits)
     or "extend" (new tokens after a cached prefix)."""
     with _capture_mode(model):

@@ -56,3 +56,5 @@ class OptimizeConfig:
     backend: str | None = None  # None: the default backend for the model's device
     cache: CacheConfig = field(default_factory=CacheConfig)
     passes: PassConfig = field(default_factory=PassConfig)
+    # the backend's own frozen options (e.g. backends.onnxruntime.OrtOptions); None: its defaults
+    backend_options: object | None = None

@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from .phase import PHASES, PhaseSignature, Role
+
 REPORT_SHAPE = {"batch": 1, "prompt": 128, "capacity": 256}
-PAGE = 16  # block size the example paged inputs use
 
 _aten = torch.ops.aten
 _MATMUL = {_aten.mm.default, _aten.bmm.default, _aten.matmul.default}
@@ -76,46 +77,46 @@ class _CostInterpreter(torch.fx.Interpreter):
         return out
 
 
-def example_inputs(gm: torch.fx.GraphModule, phase: str, batch: int, prompt: int, capacity: int, device="cpu"):
-    """Real (zero) inputs for ``gm`` at one concrete shape, following the phase contract."""
+def example_inputs(signature: PhaseSignature, batch: int, prompt: int, capacity: int, device="cpu"):
+    """Real (zero) inputs of a phase at one concrete shape, by role.
+
+    Decode and extend graphs are fed as a row that already holds ``prompt`` tokens (extend:
+    a prompt-long chunk after a prompt-long cached prefix). Paged inputs give row b the
+    blocks ``1 + b*M .. (b+1)*M`` (block 0 is scratch).
+    """
+    phase = signature.phase
+    query = 1 if PHASES[phase].query == 1 else prompt
+    if phase == "extend":
+        capacity = max(capacity, 2 * prompt)
+    page = signature.block_size or 1
+    per_row = -(-capacity // page)
+    start = prompt if signature.has(Role.POSITIONS) else 0
     inputs = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta["val"]
-        if node.name == "input_ids":
-            seq = 1 if phase == "decode" else prompt
-            if phase == "extend":
-                capacity = max(capacity, 2 * prompt)
-            inputs.append(torch.zeros(batch, seq, dtype=val.dtype, device=device))
-        elif node.name in ("last_idx", "pos", "start"):
-            # extend: a prompt-long chunk after a prompt-long cached prefix
-            v = prompt - 1 if node.name == "last_idx" else prompt
-            inputs.append(torch.full((batch,), v, dtype=val.dtype, device=device))
-        elif node.name == "block_table":  # paged: row b owns blocks 1 + b*M .. (block 0: scratch)
-            per_row = -(-capacity // PAGE)
-            inputs.append(1 + torch.arange(batch * per_row, device=device).view(batch, per_row))
-        elif node.name == "slot_mapping":
-            per_row = -(-capacity // PAGE)
-            start = prompt if phase in ("decode", "extend") else 0
-            width = 1 if phase == "decode" else prompt
-            pos = start + torch.arange(width, device=device)
-            slots = (1 + torch.arange(batch, device=device).view(-1, 1) * per_row) * PAGE + pos.view(1, -1)
-            inputs.append(slots.view(batch) if phase == "decode" else slots)
-        elif node.name.startswith("pool_"):  # paged: [num_blocks, block_size, H, D]
-            blocks = 1 + batch * -(-capacity // PAGE)
-            inputs.append(torch.zeros(blocks, int(val.shape[1]), int(val.shape[2]), int(val.shape[3]),
-                                      dtype=val.dtype, device=device))
-        else:  # a cache tensor [B, H, T, D]
-            shape = (batch, int(val.shape[1]), capacity, int(val.shape[3]))
-            inputs.append(torch.zeros(shape, dtype=val.dtype, device=device))
+    for spec in signature.inputs:
+        if spec.role is Role.TOKENS:
+            t = torch.zeros(batch, query, dtype=spec.dtype, device=device)
+        elif spec.role is Role.LAST_IDX:
+            t = torch.full((batch,), query - 1, dtype=spec.dtype, device=device)
+        elif spec.role is Role.POSITIONS:
+            t = torch.full((batch,), start, dtype=spec.dtype, device=device)
+        elif spec.role is Role.BLOCK_TABLE:
+            t = 1 + torch.arange(batch * per_row, device=device).view(batch, per_row)
+        elif spec.role is Role.SLOT_MAPPING:
+            pos = start + torch.arange(query, device=device)
+            t = (1 + torch.arange(batch, device=device).view(-1, 1) * per_row) * page + pos.view(1, -1)
+            t = t.view(batch) if len(spec.shape) == 1 else t
+        elif spec.role is Role.POOL:  # [num_blocks, block_size, H, D]
+            t = torch.zeros(1 + batch * per_row, *spec.shape[1:], dtype=spec.dtype, device=device)
+        else:  # a contiguous cache [B, H, T, D]
+            t = torch.zeros(batch, spec.shape[1], capacity, spec.shape[3], dtype=spec.dtype, device=device)
+        inputs.append(t)
     return inputs
 
 
-def estimate_cost(gm: torch.fx.GraphModule, phase: str, shape: dict | None = None) -> dict:
+def estimate_cost(gm: torch.fx.GraphModule, signature: PhaseSignature, shape: dict | None = None) -> dict:
     shape = {**REPORT_SHAPE, **(shape or {})}
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    real = example_inputs(gm, phase, shape["batch"], shape["prompt"], shape["capacity"])
+    real = example_inputs(signature, shape["batch"], shape["prompt"], shape["capacity"])
     with mode:
         fake = [mode.from_tensor(t) for t in real]
         interp = _CostInterpreter(gm, mode)

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
+import weakref
 
 import torch
 from transformers import GenerationConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .capture import CacheGeometry
+from .executor import StepExecutor
 from .hf_compat import output_cache_field
-from .kv_pool import BlockPool, block_hashes
+from .kv_cache import CapacityError, ContiguousKV, Sequences
 from .generation import (
     GenerationTimings,
     pack_left_padded,
@@ -25,64 +26,37 @@ from .generation import (
 
 logger = logging.getLogger(__name__)
 
-_CAPACITY_STEP = 64  # contiguous caches: capacity of a call rounded up to this, to reuse shapes
+class Runner:
+    """What the generate loop and forward() call: limits checked, then KV manager -> step executor.
 
-
-class CapacityError(ValueError):
-    """A request does not fit the limits the model was optimized for."""
-
-
-@dataclass
-class Sequences:
-    """One batch in flight: its prompts, positions and where its KV cache lives."""
-
-    ids: torch.Tensor  # [B, S] right-padded prompts
-    lengths: torch.Tensor  # [B] prompt lengths
-    pos: torch.Tensor  # [B] position of the next token each row will feed
-    caches: list[torch.Tensor] | None = None  # contiguous cache: [B, H, T, D] per layer (k, v)
-    blocks: list[list[int]] | None = None  # paged cache: the blocks each row owns, in position order
-    reused: list[int] = field(default_factory=list)  # prompt tokens served by the prefix cache, per row
-    finished: bool = False
-    table: torch.Tensor | None = None  # paged: block_table as last sent to the graphs
-    table_key: tuple = ()  # paged: blocks per row when ``table`` was built
-
-
-class PhaseRunner:
-    """Calls the compiled graphs on a contiguous per-batch cache; owns the geometry and limits.
-
-    The generate loop and forward() talk to a runner through ``start / prefill / decode /
-    finish``; :class:`PagedRunner` implements the same calls on a block pool.
+    The runtime's three parts: :class:`~pdcompile.kv_cache.ContiguousKV` /
+    :class:`~pdcompile.kv_cache.PagedKV` own the cache memory and build each step's inputs;
+    :class:`~pdcompile.executor.StepExecutor` calls a phase graph on them; :class:`OptimizedModel`
+    (below) is the HF-facing surface. This class is the few lines that join them.
     """
 
-    paged = False
+    def __init__(self, kv: ContiguousKV, executor: StepExecutor, max_batch_size: int, vocab_size: int):
+        self.kv, self.executor = kv, executor
+        self.max_batch_size, self.vocab_size = max_batch_size, vocab_size
+        # One call at a time: the KV manager's buffers, the block pool and the engines' IO
+        # bindings are shared state. Reentrant for a cache finalizer run by the GC inside a call.
+        self.lock = threading.RLock()
 
-    def __init__(
-        self,
-        phases: dict[str, Callable],
-        geometry: CacheGeometry,
-        device: torch.device,
-        max_batch_size: int,
-        max_seq_len: int,
-        vocab_size: int,
-        lazy_phases: dict[str, Callable[[], Callable]] | None = None,
-    ):
-        self.phases = dict(phases)
-        self.lazy = dict(lazy_phases or {})
-        self.geometry = geometry
-        self.device = device
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len
-        self.vocab_size = vocab_size
+    @property
+    def paged(self) -> bool:
+        return self.kv.paged
 
-    def phase(self, name: str) -> Callable:
-        if name not in self.phases:
-            if name not in self.lazy:
-                raise NotImplementedError(
-                    f"the {name} graph is not available here (bundles carry prefill and decode only)"
-                )
-            logger.info("building the %s graph on first use (one-time)", name)
-            self.phases[name] = self.lazy.pop(name)()
-        return self.phases[name]
+    @property
+    def geometry(self) -> CacheGeometry:
+        return self.kv.geometry
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv.device
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.kv.max_seq_len
 
     # ------------------------------------------------------------------ checks
     def check_request(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
@@ -119,168 +93,57 @@ class PhaseRunner:
     def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
         """Reserve cache room for prompts ``ids`` (right-padded) plus ``max_new_tokens``."""
         self.check_request(ids.shape[0], int(lengths.max()), max_new_tokens)
-        cap = -(-(int(lengths.max()) + max_new_tokens) // _CAPACITY_STEP) * _CAPACITY_STEP
-        cap = max(2, min(cap, self.max_seq_len))
-        caches = self.geometry.allocate(ids.shape[0], cap, self.device)
-        return Sequences(ids.contiguous(), lengths, lengths.clone(), caches=caches, reused=[0] * ids.shape[0])
+        return self.kv.start(ids, lengths, max_new_tokens)
 
-    # Compiled graphs assume the contiguous layouts they were traced with.
     def prefill(self, seqs: Sequences, phase: str = "prefill") -> torch.Tensor:
-        return self.phase(phase)(seqs.ids, (seqs.lengths - 1).contiguous(), *seqs.caches)
+        phase, inputs = self.kv.prefill_inputs(seqs, phase)
+        logits = self.executor.run(phase, inputs)
+        self.kv.after_prefill(seqs)
+        return logits
 
     def decode(self, seqs: Sequences, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row at ``seqs.pos``; returns the next logits, advances pos."""
-        if int(seqs.pos.max()) >= seqs.caches[0].shape[2]:
-            self._grow(seqs)
-        logits = self.phase("decode")(tokens.reshape(-1, 1).contiguous(), seqs.pos, *seqs.caches)
+        logits = self.executor.run("decode", self.kv.decode_inputs(seqs, tokens))
         seqs.pos += 1
         return logits
 
-    def _grow(self, seqs: Sequences) -> None:
-        if int(seqs.pos.max()) + 1 > self.max_seq_len:
-            raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
-        old = seqs.caches
-        cap = min(old[0].shape[2] + _CAPACITY_STEP, self.max_seq_len)
-        seqs.caches = self.geometry.allocate(old[0].shape[0], cap, self.device)
-        for o, n in zip(old, seqs.caches):
-            n[:, :, : o.shape[2]].copy_(o)
-
     def finish(self, seqs: Sequences) -> None:
-        seqs.finished = True
-        seqs.caches = None
-
-
-class PagedRunner(PhaseRunner):
-    """The same calls on a KV pool of fixed-size blocks shared by all sequences.
-
-    Graphs (after the paged_kv pass) take ``block_table`` and ``slot_mapping`` instead of
-    per-batch caches. With ``prefix_cache``, full blocks of a prompt already in the pool
-    (same tokens at the same positions, see kv_pool.py) are reused and only the rest of
-    the prompt is computed, by the extend graph.
-    """
-
-    paged = True
-
-    def __init__(self, *args, num_blocks: int, block_size: int, prefix_cache: bool, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.block_size = block_size
-        self.prefix_cache = prefix_cache
-        bytes_per_block = self.geometry.bytes_per_token() * block_size
-        self.pool = BlockPool(num_blocks, block_size, bytes_per_block)
-        self.pools = []  # per layer k, v: [num_blocks, block_size, H, D], zeros (never NaN)
-        for g in self.geometry.layers:
-            for d in (g.head_dim, g.v_head_dim):
-                self.pools.append(torch.zeros(num_blocks, block_size, g.kv_heads, d, dtype=self.geometry.dtype, device=self.device))
+        self.kv.finish(seqs)
 
     def kv_stats(self) -> dict:
-        return {**self.pool.stats(), "bytes": sum(p.numel() * p.element_size() for p in self.pools)}
+        return self.kv.stats()
 
-    def _slot(self, seqs: Sequences, row: int, pos: int) -> int:
-        return seqs.blocks[row][pos // self.block_size] * self.block_size + pos % self.block_size
 
-    def _ensure(self, seqs: Sequences, row: int, upto: int) -> None:
-        """Row ``row`` owns blocks covering positions 0..upto-1."""
-        need = -(-upto // self.block_size) - len(seqs.blocks[row])
-        if need > 0:
-            seqs.blocks[row].extend(self.pool.allocate(need))
-
-    def _table(self, seqs: Sequences) -> torch.Tensor:
-        """block_table [B, M]; rebuilt only when a row got new blocks."""
-        key = tuple(len(b) for b in seqs.blocks)
-        if seqs.table is None or key != seqs.table_key:
-            width = max(key)
-            table = torch.zeros(len(seqs.blocks), width, dtype=torch.long)
-            for row, blocks in enumerate(seqs.blocks):
-                table[row, : len(blocks)] = torch.tensor(blocks)
-            seqs.table, seqs.table_key = table.to(self.device), key
-        return seqs.table
-
-    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
-        self.check_request(ids.shape[0], int(lengths.max()), max_new_tokens)
-        seqs = Sequences(ids.contiguous(), lengths, lengths.clone(), blocks=[[] for _ in range(ids.shape[0])])
-        try:
-            for row, n in enumerate(lengths.tolist()):
-                reused = []
-                if self.prefix_cache:
-                    # keep at least one prompt token to compute: it yields the first logits
-                    hashes = block_hashes(ids[row, :n].cpu().numpy(), self.block_size, n - 1)
-                    reused = self.pool.lookup(hashes)
-                seqs.blocks[row] = list(reused)
-                seqs.reused.append(len(reused) * self.block_size)
-                self._ensure(seqs, row, n + max_new_tokens)
-        except Exception:
-            self.finish(seqs)
-            raise
-        return seqs
-
-    def prefill(self, seqs: Sequences, phase: str = "prefill") -> torch.Tensor:
-        lengths = seqs.lengths.tolist()
-        start = seqs.reused
-        table = self._table(seqs)
-        use_extend = any(start) and phase == "prefill"
-        width = max(n - s for n, s in zip(lengths, start))
-        ids = torch.zeros(len(lengths), width, dtype=seqs.ids.dtype, device=self.device)
-        slots = torch.zeros(len(lengths), width, dtype=torch.long)  # padding -> scratch block 0
-        for row, (n, s) in enumerate(zip(lengths, start)):
-            ids[row, : n - s] = seqs.ids[row, s:n]
-            for i in range(n - s):
-                slots[row, i] = self._slot(seqs, row, s + i)
-        slots = slots.to(self.device)
-        last = torch.tensor([n - s - 1 for n, s in zip(lengths, start)], device=self.device)
-        if use_extend:
-            starts = torch.tensor(start, device=self.device)
-            logits = self.phase("extend")(ids, starts, last, table, slots, *self.pools)
-        else:
-            logits = self.phase(phase)(ids, last, table, slots, *self.pools)
-        if self.prefix_cache:
-            self._register_prompt_blocks(seqs)
-        return logits
-
-    def _register_prompt_blocks(self, seqs: Sequences) -> None:
-        for row, n in enumerate(seqs.lengths.tolist()):
-            hashes = block_hashes(seqs.ids[row, :n].cpu().numpy(), self.block_size, n)
-            for block, h in zip(seqs.blocks[row], hashes):
-                self.pool.register(block, h)
-
-    def decode(self, seqs: Sequences, tokens: torch.Tensor) -> torch.Tensor:
-        positions = seqs.pos.tolist()
-        if max(positions) + 1 > self.max_seq_len:
-            raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
-        for row, p in enumerate(positions):
-            if p // self.block_size >= len(seqs.blocks[row]):  # forward() continues without a reservation
-                self._ensure(seqs, row, p + 1)
-        table = self._table(seqs)
-        rows = torch.arange(len(positions), device=self.device)
-        slots = table[rows, seqs.pos // self.block_size] * self.block_size + seqs.pos % self.block_size
-        logits = self.phase("decode")(tokens.reshape(-1, 1).contiguous(), seqs.pos, table, slots, *self.pools)
-        seqs.pos += 1
-        return logits
-
-    def finish(self, seqs: Sequences) -> None:
-        if not seqs.finished and seqs.blocks is not None:
-            for blocks in seqs.blocks:
-                self.pool.release(blocks)
-        seqs.finished = True
+def _release(runner: Runner, seqs: Sequences) -> None:
+    with runner.lock:
+        runner.finish(seqs)
 
 
 class PdcompileCache:
-    """The ``past_key_values`` that :meth:`OptimizedModel.forward` returns and accepts.
+    """The cache (``cache`` / ``past_key_values``) that :meth:`OptimizedModel.forward` returns and accepts.
 
-    Opaque to the user: the batch's cache and each row's next position. With the paged
-    cache, its blocks go back to the pool when this object is garbage collected.
+    Opaque to the user: the batch's cache and each row's next position. Its KV blocks go
+    back to the pool on ``release()`` (or leaving a ``with`` block), or else as soon as the
+    object is dropped (a finalizer, not ``__del__``: it runs once, also for objects in
+    reference cycles, and never keeps the runner alive).
     """
 
-    def __init__(self, runner: PhaseRunner, seqs: Sequences):
+    def __init__(self, runner: Runner, seqs: Sequences):
         self.runner, self.seqs = runner, seqs
+        self._finalizer = weakref.finalize(self, _release, runner, seqs)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.seqs.pos.max())
 
-    def __del__(self):
-        try:
-            self.runner.finish(self.seqs)
-        except Exception:  # interpreter shutdown: nothing left to return blocks to
-            pass
+    def release(self) -> None:
+        """Give the KV blocks back now; the cache cannot be used afterwards."""
+        self._finalizer()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class OptimizedModel:
@@ -294,7 +157,7 @@ class OptimizedModel:
 
     def __init__(
         self,
-        runner: PhaseRunner,
+        runner: Runner,
         config,
         generation_config: GenerationConfig,
         original_model=None,
@@ -382,12 +245,13 @@ class OptimizedModel:
         if n > 1:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             attention_mask = attention_mask.repeat_interleave(n, dim=0)
-        self.last_timings = GenerationTimings()
-        return run_generate(
-            self.runner, input_ids, attention_mask, config,
-            logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-            streamer=streamer, timings=self.last_timings,
-        )
+        with self.runner.lock:  # concurrent calls run one after the other (shared KV state)
+            self.last_timings = GenerationTimings()
+            return run_generate(
+                self.runner, input_ids, attention_mask, config,
+                logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                streamer=streamer, timings=self.last_timings,
+            )
 
     def _fallback_generate(self, missing, inputs, generation_config, logits_processor, stopping_criteria,
                            prefix_allowed_tokens_fn, synced_gpus, assistant_model, streamer,
@@ -442,6 +306,10 @@ class OptimizedModel:
             raise ValueError("forward() needs input_ids (inputs_embeds is not supported)")
         self.runner.check_ids(input_ids)
         use_cache = True if use_cache is None else use_cache
+        with self.runner.lock:
+            return self._forward(input_ids, attention_mask, past_key_values, use_cache, logits_to_keep, return_dict)
+
+    def _forward(self, input_ids, attention_mask, past_key_values, use_cache, logits_to_keep, return_dict):
         if past_key_values is None:
             logits, new_cache = self._forward_prefill(input_ids, attention_mask, logits_to_keep)
         elif isinstance(past_key_values, PdcompileCache):
@@ -480,6 +348,8 @@ class OptimizedModel:
 
     def _forward_decode(self, input_ids, cache: PdcompileCache):
         seqs = cache.seqs
+        if seqs.finished:
+            raise ValueError("this cache was released (cache.release()); start again with a call without a cache")
         if input_ids.shape != (seqs.pos.shape[0], 1):
             raise NotImplementedError(
                 f"with past_key_values, input_ids must be one token per row, shape ({seqs.pos.shape[0]}, 1); "

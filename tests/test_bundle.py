@@ -167,11 +167,12 @@ def test_engine_export_with_small_max_batch_size(max_batch_size):
     model = models.build("llama")
     fast = pdcompile.optimize(model, backend="eager", max_batch_size=max_batch_size, max_seq_len=256)
     for phase in ("prefill", "decode"):
-        gm = _with_reference_attention(fast.graphs[phase])
-        ep = export_program(gm, phase, max_batch_size, 256)
+        ctx = fast.graphs[phase].ctx
+        gm = _with_reference_attention(fast.graphs[phase].gm)
+        ep = export_program(gm, ctx)
         torch.manual_seed(0)
         args = [a.random_(3, 200) if a.dtype == torch.long and i == 0 else a
-                for i, a in enumerate(example_inputs(gm, phase, max_batch_size, 7, 32))]
+                for i, a in enumerate(example_inputs(ctx.signature, max_batch_size, 7, 32))]
         expected = gm(*[a.clone() for a in args])
         got = ep.module()(*[a.clone() for a in args])
         torch.testing.assert_close(got[0] if isinstance(got, (tuple, list)) else got,

@@ -8,9 +8,9 @@ import models
 import pdcompile
 from conftest import optimized
 from pdcompile.capture import capture, capture_phase
-from pdcompile.config import PassConfig
 from pdcompile.kv_pool import BlockPool, KVPoolExhausted, block_hashes
 from pdcompile.passes import DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, run_pipeline
+from pdcompile.phase import PassContext, Role
 
 aten = torch.ops.aten
 KW = dict(do_sample=False, pad_token_id=0)
@@ -18,26 +18,31 @@ KW = dict(do_sample=False, pad_token_id=0)
 
 # ------------------------------------------------------------------ the pass
 
+@pytest.mark.parametrize("block_size", [16, 8])
 @pytest.mark.parametrize("family", sorted(models.FAMILIES))
-def test_paged_pass_structure(family):
+def test_paged_pass_structure(family, block_size):
     model = models.build(family)
     cap = capture(model, 4, 128)
-    graphs = {"prefill": (cap.prefill, PREFILL_PIPELINE), "decode": (cap.decode, DECODE_PIPELINE),
-              "extend": (capture_phase(model, "extend", 4, 128, cap.geometry), EXTEND_PIPELINE)}
-    for phase, (gm, pipeline) in graphs.items():
-        gm, records = run_pipeline(gm, pipeline, PassConfig(), phase=phase)
+    graphs = {"prefill": (*cap.graphs["prefill"], PREFILL_PIPELINE), "decode": (*cap.graphs["decode"], DECODE_PIPELINE),
+              "extend": (*capture_phase(model, "extend", 4, 128, cap.geometry), EXTEND_PIPELINE)}
+    for phase, (gm, signature, pipeline) in graphs.items():
+        ctx = PassContext.make(signature, max_batch_size=4, max_seq_len=128, block_size=block_size)
+        gm, records, ctx = run_pipeline(gm, pipeline, ctx)
         rec = next(r for r in records if r.name == "paged_kv")
         assert rec.matches == 2 * cap.geometry.num_layers, rec.detail
-        names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-        assert not any(n.startswith("caches_") for n in names), "no contiguous cache left"
-        assert {"block_table", "slot_mapping"} <= set(names)
-        pools = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("pool_")]
+        # the signature says what the graph now takes, and the graph's inputs are exactly that
+        sig = ctx.signature
+        assert sig.is_paged and sig.block_size == block_size and not sig.has(Role.CACHE)
+        nodes = sig.nodes(gm)
+        assert len(nodes[Role.BLOCK_TABLE]) == 1 and len(nodes[Role.SLOT_MAPPING]) == 1
+        pools = nodes[Role.POOL]
         assert len(pools) == 2 * cap.geometry.num_layers
+        assert all(p.meta["val"].shape[1] == block_size for p in pools)
         # no contiguous cache update ops: every write is a scatter into a pool's slots
         assert not any(n.target is aten.index_copy_.default for n in gm.graph.nodes)
         writes = [n for n in gm.graph.nodes if n.target is aten.index_put_.default]
         assert {w.args[0] for w in writes} == set(pools) and all(len(w.args[1]) == 2 for w in writes)
-        reads = [n for n in gm.graph.nodes if n.target is aten.index.Tensor and n.args[1][0].name == "block_table"]
+        reads = [n for n in gm.graph.nodes if n.target is aten.index.Tensor and n.args[1][0] is nodes[Role.BLOCK_TABLE][0]]
         assert len(reads) == (0 if phase == "prefill" else len(pools)), "attention reads go through the block table"
 
 
@@ -141,7 +146,7 @@ def test_shared_blocks_do_not_leak_later_tokens(long_llama):
 
 def test_no_block_leak_after_1000_calls(long_llama):
     model, fast = long_llama
-    pool = fast.runner.pool
+    pool = fast.runner.kv.pool
     g = torch.Generator().manual_seed(3)
     prefixes = [torch.randint(3, models.VOCAB, (1, 40), generator=g) for _ in range(5)]
     for i in range(1000):
@@ -165,11 +170,11 @@ def test_no_block_leak_after_1000_calls(long_llama):
 def test_pool_exhaustion_is_clear_and_harmless():
     model = models.build("llama")
     fast = pdcompile.optimize(model, backend="eager", max_seq_len=256, kv_cache_memory=1)  # -> 2 blocks
-    assert fast.runner.pool.num_blocks == 2
+    assert fast.runner.kv.pool.num_blocks == 2
     ids = torch.randint(3, models.VOCAB, (1, 40))
     with pytest.raises(KVPoolExhausted, match="kv_cache_memory"):
         fast.generate(input_ids=ids, max_new_tokens=4, **KW)
-    assert fast.runner.pool.stats()["in_use"] == 0
+    assert fast.runner.kv.pool.stats()["in_use"] == 0
     small = torch.randint(3, models.VOCAB, (1, 5))
     ref = model.generate(input_ids=small, max_new_tokens=8, **KW)
     assert torch.equal(fast.generate(input_ids=small, max_new_tokens=8, **KW), ref)

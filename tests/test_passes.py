@@ -10,7 +10,6 @@ import torch
 import models
 import pdcompile
 from pdcompile.capture import capture
-from pdcompile.config import PassConfig
 from pdcompile.cost import estimate_cost
 from pdcompile.passes import (
     DECODE_PIPELINE,
@@ -22,6 +21,20 @@ from pdcompile.passes import (
 )
 from pdcompile.passes import decode_attention_mask, fuse_causal_mask, prune_final_layer
 from pdcompile.passes.utils import ATTENTION, SDPA, backward_slice, sdpa_args
+from pdcompile.phase import PassContext
+
+
+class Captured:
+    """A capture's graphs by phase name, with their signatures."""
+
+    def __init__(self, model, max_batch_size, max_seq_len):
+        cap = capture(model, max_batch_size, max_seq_len)
+        self.geometry, self.max_seq_len = cap.geometry, max_seq_len
+        self.prefill, self.decode = cap.graphs["prefill"][0], cap.graphs["decode"][0]
+        self.sig = {phase: sig for phase, (_, sig) in cap.graphs.items()}
+
+    def ctx(self, phase):
+        return PassContext.make(self.sig[phase], max_seq_len=self.max_seq_len)
 
 aten = torch.ops.aten
 FAMILIES = sorted(models.FAMILIES)
@@ -32,15 +45,15 @@ ATOL, RTOL = 1e-4, 1e-4
 def family(request):
     model = models.build(request.param)
     # two independent captures: one stays as captured (the reference), one gets the passes
-    return request.param, model, capture(model, 8, 256), capture(model, 8, 256)
+    return request.param, model, Captured(model, 8, 256), Captured(model, 8, 256)
 
 
 def _count(gm, target):
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target is target)
 
 
-def _run_one(gm, gpass, phase="prefill"):
-    gm, records = run_pipeline(gm, [gpass], PassConfig(), phase=phase)
+def _run_one(cap, gm, gpass, phase="prefill"):
+    gm, records, _ = run_pipeline(gm, [gpass], cap.ctx(phase))
     return gm, records[0]
 
 
@@ -105,7 +118,7 @@ def test_fuse_causal_mask(family):
     mask_nodes = _mask_only_nodes(gm)
     layers = cap.geometry.num_layers
     assert len(sdpas) == layers and mask_nodes
-    gm, rec = _run_one(gm, fuse_causal_mask.PASS)
+    gm, rec = _run_one(cap, gm, fuse_causal_mask.PASS)
     assert rec.matches == layers, rec.detail
     assert _count(gm, SDPA) == 0
     attn = [n for n in gm.graph.nodes if n.target is ATTENTION]
@@ -120,11 +133,11 @@ def test_fuse_causal_mask(family):
 
 def test_prune_final_layer(family):
     name, model, ref, cap = family
-    gm, _ = _run_one(cap.prefill, fuse_causal_mask.PASS)
-    before = estimate_cost(gm, "prefill")
-    gm, rec = _run_one(gm, prune_final_layer.PASS)
+    gm, _ = _run_one(cap, cap.prefill, fuse_causal_mask.PASS)
+    before = estimate_cost(gm, cap.sig["prefill"])
+    gm, rec = _run_one(cap, gm, prune_final_layer.PASS)
     assert rec.matches == 1, rec.detail
-    after = estimate_cost(gm, "prefill")
+    after = estimate_cost(gm, cap.sig["prefill"])
     # the output matmul (lm_head) now sees one position per row
     out = gm.graph.output_node().args[0]
     lm_head = out.args[0]
@@ -151,7 +164,7 @@ def test_decode_attention_mask(family):
     layers = cap.geometry.num_layers
     mask_nodes = _mask_only_nodes(gm)
     assert mask_nodes
-    gm, rec = _run_one(gm, decode_attention_mask.PASS, phase="decode")
+    gm, rec = _run_one(cap, gm, decode_attention_mask.PASS, phase="decode")
     assert rec.matches == layers, rec.detail
     assert _count(gm, SDPA) == 0
     attn = [n for n in gm.graph.nodes if n.target is ATTENTION]
@@ -213,20 +226,20 @@ def test_report_flops_drop_by_the_pruning_prediction():
 
 def test_pass_failure_names_pass_and_predecessors():
     model = models.build("llama")
-    cap = capture(model, 4, 64)
+    cap = Captured(model, 4, 64)
 
-    def boom(gm):
+    def boom(gm, ctx):
         raise RuntimeError("kaboom")
 
     pipeline = [fuse_causal_mask.PASS, GraphPass("exploding_pass", boom)]
     with pytest.raises(PassError, match=r"pass 'exploding_pass' failed on the prefill graph \(passes run before it: fuse_causal_mask\): kaboom"):
-        run_pipeline(cap.prefill, pipeline, PassConfig(), phase="prefill")
+        run_pipeline(cap.prefill, pipeline, cap.ctx("prefill"))
 
 
 def test_graph_dumps(tmp_path, monkeypatch):
     monkeypatch.setenv("PDCOMPILE_DUMP_DIR", str(tmp_path))
-    cap = capture(models.build("llama"), 4, 64)
-    run_pipeline(cap.prefill, PREFILL_PIPELINE, PassConfig(), phase="prefill")
+    cap = Captured(models.build("llama"), 4, 64)
+    run_pipeline(cap.prefill, PREFILL_PIPELINE, cap.ctx("prefill"))
     files = sorted(os.listdir(tmp_path / "prefill"))
     assert files == ["00_captured_graph.txt", "01_remove_noops_after.txt", "02_fuse_causal_mask_after.txt",
                      "03_prune_final_layer_after.txt", "04_paged_kv_after.txt"]
@@ -247,14 +260,14 @@ def test_non_sdpa_attention_reported_not_silent():
     # the graphs still compute the right thing
     ids, last, caches = _prefill_inputs(captured.geometry, [9])
     with torch.no_grad():
-        logits = graphs["prefill"](ids, last, *caches)
+        logits = graphs["prefill"].gm(ids, last, *caches)
         ref = model(input_ids=ids).logits[:, -1]
     torch.testing.assert_close(logits, ref, atol=ATOL, rtol=RTOL)
 
 
 def test_non_causal_mask_raises():
     """A mask that is not what the prefill contract says must not be fused silently."""
-    cap = capture(models.build("llama"), 4, 64)
+    cap = Captured(models.build("llama"), 4, 64)
     gm = cap.prefill
     sdpa = next(n for n in gm.graph.nodes if n.target is SDPA)
     mask = sdpa_args(sdpa)["attn_mask"]
@@ -264,7 +277,7 @@ def test_non_causal_mask_raises():
         s.args = s.args[:3] + (flipped,) + s.args[4:]
     gm.recompile()
     with pytest.raises(PassError, match="not causal for real tokens"):
-        run_pipeline(gm, [fuse_causal_mask.PASS], PassConfig(), phase="prefill")
+        run_pipeline(gm, [fuse_causal_mask.PASS], cap.ctx("prefill"))
 
 
 def test_passes_on_vs_off_same_tokens_end_to_end():

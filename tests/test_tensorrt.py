@@ -5,6 +5,7 @@ either is missing. Everywhere: the missing-extra error, the CPU refusal, the
 optimisation profile, and the lowered program TensorRT would be handed, run by PyTorch.
 """
 
+import dataclasses
 import sys
 import types
 
@@ -45,36 +46,38 @@ def test_cpu_model_is_refused(llama_eager, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))
     monkeypatch.setitem(sys.modules, "torch_tensorrt", types.ModuleType("torch_tensorrt"))
     _, fast = llama_eager
-    options = {"max_batch_size": 8, "max_seq_len": 256, "device": torch.device("cpu")}
+    decode = fast.graphs["decode"]
     with pytest.raises(ValueError, match="TensorRT runs on CUDA devices; this model is on cpu"):
-        trt_backend.compile_phase(fast.graphs["decode"], "decode", None, options)
+        trt_backend.TensorRTBackend().lower(decode.gm, decode.ctx)
 
 
 def test_optimization_profile():
     _, fast = optimized("llama", "eager", paged=False)  # tiny llama: 2 kv heads of 16, max_seq_len=256
-    prefill = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 8, 256)
+    prefill = trt_backend.optimization_profile(fast.graphs["prefill"].ctx)
     assert [p[0] for p in prefill] == ["input_ids", "last_idx", "caches_0", "caches_1", "caches_2", "caches_3"]
     assert prefill[0][1:] == ((1, 1), (1, 128), (8, 256), torch.int64)
     assert prefill[1][1:] == ((1,), (1,), (8,), torch.int64)
     assert prefill[2][1:] == ((1, 2, 2, 16), (1, 2, 256, 16), (8, 2, 256, 16), torch.float32)
-    decode = trt_backend.optimization_profile(fast.graphs["decode"], "decode", 8, 256)
+    decode = trt_backend.optimization_profile(fast.graphs["decode"].ctx)
     assert decode[0][1:] == ((1, 1), (1, 1), (8, 1), torch.int64)
     assert decode[1][0] == "pos"
     assert decode[2][1:4] == prefill[2][1:4]
-    small = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 1, 64)
+    ctx = fast.graphs["prefill"].ctx
+    small_cache = dataclasses.replace(ctx.cache, max_batch_size=1, max_seq_len=64)
+    small = trt_backend.optimization_profile(dataclasses.replace(ctx, cache=small_cache))
     assert small[0][1:4] == ((1, 1), (1, 64), (1, 64))  # opt shapes clipped to the limits
     assert small[2][1:4] == ((1, 2, 2, 16), (1, 2, 64, 16), (1, 2, 64, 16))
 
 
 def test_optimization_profile_paged(llama_eager):
     _, fast = llama_eager  # paged: block tables, slot mappings and pools of 16-token blocks
-    prefill = trt_backend.optimization_profile(fast.graphs["prefill"], "prefill", 8, 256, pool_blocks=129)
+    prefill = trt_backend.optimization_profile(fast.graphs["prefill"].ctx, pool_blocks=129)
     assert [p[0] for p in prefill] == ["input_ids", "last_idx", "block_table", "slot_mapping",
                                        "pool_0", "pool_1", "pool_2", "pool_3"]
     assert prefill[2][1:4] == ((1, 1), (1, 16), (8, 16))  # up to 256 / 16 blocks per sequence (opt clipped)
     assert prefill[3][1:4] == ((1, 1), (1, 128), (8, 256))
     assert prefill[4][1:4] == ((129, 16, 2, 16),) * 3  # the pool the runtime allocated
-    decode = trt_backend.optimization_profile(fast.graphs["decode"], "decode", 8, 256, pool_blocks=129)
+    decode = trt_backend.optimization_profile(fast.graphs["decode"].ctx, pool_blocks=129)
     assert decode[3][0] == "slot_mapping" and decode[3][1:4] == ((1,), (1,), (8,))
 
 
@@ -93,11 +96,14 @@ def test_lowered_program_matches_hf(monkeypatch):
     """What TensorRT is handed, run by PyTorch instead: the functional program and the
     write-back of the updated caches keep greedy tokens identical to HF eager."""
 
-    def torch_runs_the_program(gm, phase, example_inputs, options):
-        n_small = sum(1 for n in gm.graph.nodes if n.op == "placeholder" and not n.name.startswith(("caches_", "pool_")))
-        return trt_backend.CompiledPhase(trt_backend._exported(gm, phase, options).module(), n_small)
+    class TorchRunsTheProgram(pdcompile.backends.Backend):
+        name = "trt-lowering"
 
-    monkeypatch.setitem(pdcompile.backends._BACKENDS, "trt-lowering", torch_runs_the_program)
+        def lower(self, gm, ctx):
+            program = trt_backend._exported(gm, ctx).module()
+            return trt_backend.CompiledPhase(program, trt_backend._n_small(ctx.signature))
+
+    monkeypatch.setitem(pdcompile.backends.BACKENDS, "trt-lowering", TorchRunsTheProgram)
     model = models.build("llama")
     fast = pdcompile.optimize(model, backend="trt-lowering", max_seq_len=256)
     _assert_greedy_parity(model, fast, (11, 6, 3))

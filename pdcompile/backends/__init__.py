@@ -1,46 +1,95 @@
 """Backends lower one phase graph (an aten-level FX GraphModule) to something callable.
 
-A backend is a function ``compile(gm, phase, example_inputs, options) -> callable``
-registered under a name. The callable takes the phase's flat inputs (see
-:mod:`pdcompile.capture`) and returns the logits; it must honour the in-place cache
-writes of the graph. Optional backends import their library inside ``compile`` so
-that a missing extra fails there, with the extra's name, and nowhere else.
+Every backend is a :class:`Backend`: ``lower(gm, ctx)`` returns a callable taking the
+phase's flat inputs in signature order (``ctx.signature``) and returning the logits,
+honouring the graph's in-place KV writes; ``save``/``load`` write and read the phase as
+engine files for a bundle. Options are one frozen dataclass per backend. There is one
+registry, :data:`BACKENDS`, used by ``optimize()``, ``export()`` and ``load()`` alike.
+Optional backends import their library inside their methods, so that a missing extra
+fails there, with the extra's name, and nowhere else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
-from typing import Callable
+from pathlib import Path
+from typing import Callable, ClassVar
 
 import torch
 
-# name -> "module:function"; resolved lazily so importing pdcompile never imports onnxruntime.
-_BACKENDS: dict[str, str] = {
-    "eager": "pdcompile.backends.eager:compile_phase",
-    "inductor": "pdcompile.backends.inductor:compile_phase",
-    "onnxruntime": "pdcompile.backends.onnxruntime:compile_phase",
-    "tensorrt": "pdcompile.backends.tensorrt:compile_phase",
+from ..phase import PassContext
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+class Backend:
+    """The backend protocol (and the defaults of its optional parts)."""
+
+    name: ClassVar[str]
+    options_class: ClassVar[type] = NoOptions
+    # Its bundle files hold machine code that loading runs (AOTInductor .so, TensorRT
+    # engines): pdcompile.load() asks for trust_native_code=True (see bundle.py).
+    native_code: ClassVar[bool] = False
+    exportable: ClassVar[bool] = True
+
+    def __init__(self, options=None):
+        options = options if options is not None else self.options_class()
+        if not isinstance(options, self.options_class):
+            raise TypeError(f"the {self.name} backend takes {self.options_class.__name__} options, "
+                            f"got {type(options).__name__}")
+        self.options = options
+
+    def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> Callable:
+        raise NotImplementedError
+
+    def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
+        """Write the phase's engine file(s) into ``folder``; returns ``{"files": [...], ...}``."""
+        raise ValueError(f"the {self.name} backend has no engine file format; bundles can be written for "
+                         f"{', '.join(exportable_backends())}")
+
+    def load(self, folder: Path, entry: dict, ctx: PassContext) -> Callable:
+        raise ValueError(f"the {self.name} backend cannot load engine files")
+
+
+# name -> "module:class"; resolved lazily so importing pdcompile never imports onnxruntime.
+BACKENDS: dict[str, str | type] = {
+    "eager": "pdcompile.backends.eager:EagerBackend",
+    "inductor": "pdcompile.backends.inductor:InductorBackend",
+    "onnxruntime": "pdcompile.backends.onnxruntime:OrtBackend",
+    "tensorrt": "pdcompile.backends.tensorrt:TensorRTBackend",
 }
 
 
-def register_backend(name: str, target: str | Callable) -> None:
-    """Register ``target`` ("module:function" or a callable) as backend ``name``."""
-    _BACKENDS[name] = target
+def register_backend(name: str, target: str | type) -> None:
+    """Register ``target`` (a :class:`Backend` subclass, or "module:Class") as backend ``name``."""
+    BACKENDS[name] = target
 
 
 def available_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(BACKENDS)
 
 
-def get_backend(name: str) -> Callable:
-    if name not in _BACKENDS:
+def backend_class(name: str) -> type:
+    if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(available_backends())}")
-    target = _BACKENDS[name]
-    if callable(target):
-        return target
-    module, func = target.split(":")
-    return getattr(importlib.import_module(module), func)
+    target = BACKENDS[name]
+    if isinstance(target, str):
+        module, cls = target.split(":")
+        target = getattr(importlib.import_module(module), cls)
+    return target
+
+
+def get_backend(name: str, options=None) -> Backend:
+    return backend_class(name)(options)
+
+
+def exportable_backends() -> list[str]:
+    return [n for n in available_backends() if backend_class(n).exportable]
 
 
 def default_backend(device: torch.device) -> str:

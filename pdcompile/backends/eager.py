@@ -2,13 +2,19 @@
 
 No compilation: every aten op and every ``pdcompile::`` op runs its eager kernel.
 It is what the other backends are checked against, and what to use when debugging a
-pass (``PDCOMPILE_DUMP_DIR`` shows the graphs it runs).
+pass (``PDCOMPILE_DUMP_DIR`` shows the graphs it runs). It has no engine file format.
 """
 
 from __future__ import annotations
 
 import torch
 
+from . import Backend
 
-def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict) -> torch.fx.GraphModule:
-    return gm
+
+class EagerBackend(Backend):
+    name = "eager"
+    exportable = False
+
+    def lower(self, gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
+        return gm

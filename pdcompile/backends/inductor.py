@@ -11,28 +11,45 @@ weights inside), which loads without recompiling and without Python pickles.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..ops import DECOMPOSITIONS
+from . import Backend
+from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
 
 
-def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict):
-    from torch._inductor.compile_fx import compile_fx
+class InductorBackend(Backend):
+    name = "inductor"
+    native_code = True  # an AOTInductor package is a shared library
 
-    fake_inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    decomps = dict(torch._inductor.decomposition.select_decomp_table())
-    decomps.update(DECOMPOSITIONS)
-    with torch.no_grad():  # an inference graph: no autograd partitioning
-        compiled = compile_fx(gm, fake_inputs, decompositions=decomps)
-    return compiled
+    def lower(self, gm: torch.fx.GraphModule, ctx) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        fake_inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+        decomps = dict(torch._inductor.decomposition.select_decomp_table())
+        decomps.update(DECOMPOSITIONS)
+        with torch.no_grad():  # an inference graph: no autograd partitioning
+            return compile_fx(gm, fake_inputs, decompositions=decomps)
+
+    def save(self, gm: torch.fx.GraphModule, ctx, folder: Path) -> dict:
+        """AOTInductor package ``<phase>.pt2`` in ``folder``."""
+        ep = export_program(_with_reference_attention(gm), ctx)
+        name = f"{ctx.phase}.pt2"
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(folder) / name))
+        return {"files": [name]}
+
+    def load(self, folder: Path, entry: dict, ctx) -> Callable:
+        return torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0]))
 
 
 def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     from ..ops import attention_reference
-    from .program import copy_graph_module
 
     gm = copy_graph_module(gm)
     for node in gm.graph.nodes:
@@ -40,22 +57,3 @@ def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.target = attention_reference  # traced into aten SDPA by the export
     gm.recompile()
     return gm
-
-
-def save_phase(gm: torch.fx.GraphModule, phase: str, folder, options: dict) -> dict:
-    """AOTInductor package ``<phase>.pt2`` in ``folder``."""
-    from pathlib import Path
-
-    from .program import export_program
-
-    ep = export_program(_with_reference_attention(gm), phase, options["max_batch_size"], options["max_seq_len"])
-    name = f"{phase}.pt2"
-    with torch.no_grad():
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(folder) / name))
-    return {"files": [name]}
-
-
-def load_phase(folder, entry: dict, device: torch.device):
-    from pathlib import Path
-
-    return torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0]))

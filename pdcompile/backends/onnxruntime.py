@@ -19,13 +19,15 @@ Execution providers: TensorRT, CUDA, then CPU, whichever this onnxruntime build 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..ops import attention_grouped
-from ..passes.functional_cache import is_cache_input
+from ..phase import PassContext, PhaseSignature
+from . import Backend
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
@@ -44,7 +46,14 @@ def _require_ort():
     return onnxruntime
 
 
-def onnx_model(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int):
+@dataclass(frozen=True)
+class OrtOptions:
+    """threads: intra-op threads of each session (None: torch's thread count)."""
+
+    threads: int | None = None
+
+
+def onnx_model(gm: torch.fx.GraphModule, ctx: PassContext):
     """The phase as an ``onnx.ModelProto`` with outputs ``logits, present_0, ...``."""
     _require_ort()
     gm = copy_graph_module(gm)
@@ -54,7 +63,7 @@ def onnx_model(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_se
         if node.target is torch.ops.pdcompile.attention.default:
             node.target = attention_grouped
     gm.recompile()
-    ep = export_program(gm, phase, max_batch_size, max_seq_len, functional=True)
+    ep = export_program(gm, ctx, functional=True)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
     prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
@@ -106,11 +115,11 @@ def _drop_identity_transposes(graph) -> None:
     graph.node.extend(keep)
 
 
-def export_onnx(gm: torch.fx.GraphModule, phase: str, path: Path, max_batch_size: int, max_seq_len: int) -> None:
+def export_onnx(gm: torch.fx.GraphModule, ctx: PassContext, path: Path) -> None:
     """Write the phase as an ONNX model file at ``path``."""
     import onnx
 
-    proto = onnx_model(gm, phase, max_batch_size, max_seq_len)
+    proto = onnx_model(gm, ctx)
     size = sum(p.numel() * p.element_size() for p in gm.parameters())
     # protobuf caps a file at 2 GB: larger models keep their weights in a side file
     big = size > 1_500_000_000
@@ -132,9 +141,9 @@ def providers(device: torch.device) -> list[str]:
 
 
 class OrtPhase:
-    """Callable running one ONNX phase model: ``(ids, idx, *caches) -> logits``."""
+    """Callable running one ONNX phase model: the signature's inputs in order -> logits."""
 
-    def __init__(self, model, device: torch.device, threads: int | None = None):
+    def __init__(self, model, signature: PhaseSignature, device: torch.device, threads: int | None = None):
         """``model``: an ONNX file path, or an in-memory ``onnx.ModelProto``."""
         import onnx
 
@@ -156,7 +165,10 @@ class OrtPhase:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # per-call inputs (ids, positions, block table, ...) come first, then the caches/pools
-        self.n_small = sum(1 for n in self.input_names if not is_cache_input(n))
+        self.n_small = sum(1 for i in range(len(signature.inputs)) if not signature.is_state(i))
+        if len(self.input_names) != len(signature.inputs):
+            raise ValueError(f"the ONNX model takes {len(self.input_names)} inputs, its {signature.phase} signature "
+                             f"{len(signature.inputs)}")
         self._check_aliasing(proto)
         self._binding = None
         self._bound_key = None
@@ -222,21 +234,18 @@ class OrtPhase:
         return tail
 
 
-def save_phase(gm: torch.fx.GraphModule, phase: str, folder, options: dict) -> dict:
-    """``<phase>.onnx`` (and ``<phase>.onnx.data`` for models over 1.5 GB) in ``folder``."""
-    name = f"{phase}.onnx"
-    path = Path(folder) / name
-    export_onnx(gm, phase, path, options["max_batch_size"], options["max_seq_len"])
-    files = [name] + ([name + ".data"] if (Path(folder) / (name + ".data")).exists() else [])
-    return {"files": files}
+class OrtBackend(Backend):
+    name = "onnxruntime"
+    options_class = OrtOptions
 
+    def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> OrtPhase:
+        return OrtPhase(onnx_model(gm, ctx), ctx.signature, ctx.device, self.options.threads)
 
-def load_phase(folder, entry: dict, device: torch.device) -> OrtPhase:
-    return OrtPhase(Path(folder) / entry["files"][0], device)
+    def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
+        """``<phase>.onnx`` (and ``<phase>.onnx.data`` for models over 1.5 GB) in ``folder``."""
+        name = f"{ctx.phase}.onnx"
+        export_onnx(gm, ctx, Path(folder) / name)
+        return {"files": [name] + ([name + ".data"] if (Path(folder) / (name + ".data")).exists() else [])}
 
-
-def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict) -> OrtPhase:
-    proto = onnx_model(gm, phase, options["max_batch_size"], options["max_seq_len"])
-    return OrtPhase(proto, options.get("device", torch.device("cpu")))
-
-
+    def load(self, folder: Path, entry: dict, ctx: PassContext) -> OrtPhase:
+        return OrtPhase(Path(folder) / entry["files"][0], ctx.signature, ctx.device, self.options.threads)

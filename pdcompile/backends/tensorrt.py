@@ -27,11 +27,13 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..passes.functional_cache import is_cache_input
+from ..phase import PassContext, PhaseSignature
+from . import Backend
 from .inductor import _with_reference_attention
 from .program import export_program
 
@@ -71,60 +73,45 @@ def _cuda_device(device) -> torch.device:
     return device
 
 
-def optimization_profile(gm: torch.fx.GraphModule, phase: str, max_batch_size: int, max_seq_len: int,
-                         pool_blocks: int | None = None):
+def optimization_profile(ctx: PassContext, pool_blocks: int | None = None):
     """``[(name, min_shape, opt_shape, max_shape, dtype)]`` for the phase's inputs, in order.
 
     A paged pool has the fixed size the runtime allocated (``pool_blocks``) when known.
 
-    The ranges lie inside the dynamic dims :func:`~pdcompile.backends.program.export_program`
-    declares, so every shape the runtime feeds (capacity rounded up, at least 2) is covered.
+    The ranges lie inside the dynamic dims the signature declares for the export, so every
+    shape the runtime feeds (capacity rounded up, at least 2) is covered.
     """
 
     def dim(lo: int, opt: int, hi: int) -> tuple[int, int, int]:
         return lo, max(lo, min(opt, hi)), hi
 
-    batch = dim(1, _OPT["batch"], max_batch_size)
-    seq = dim(1, _OPT["prompt"], max_seq_len) if phase != "decode" else (1, 1, 1)
-    cap = dim(2, _OPT["capacity"], max(max_seq_len, 2))
+    sig, max_seq_len = ctx.signature, ctx.max_seq_len
+    block = sig.block_size or 1
+    ranges = {
+        "batch": dim(1, _OPT["batch"], ctx.max_batch_size),
+        "seq": dim(1, _OPT["prompt"], max_seq_len),
+        "capacity": dim(2, _OPT["capacity"], max(max_seq_len, 2)),
+        "blocks_per_seq": dim(1, -(-_OPT["capacity"] // block), -(-max(max_seq_len, 2) // block)),
+        "pool_blocks": (pool_blocks,) * 3 if pool_blocks else dim(2, 1024, 1 << 16),
+    }
     profile = []
-    for node in gm.graph.nodes:
-        if node.op != "placeholder":
-            continue
-        val = node.meta["val"]
-        if node.name == "input_ids":
-            dims = [batch, seq]
-        elif node.name in ("last_idx", "pos", "start"):
-            dims = [batch]
-        elif node.name == "block_table":  # paged: blocks per sequence
-            block = int(next(n for n in gm.graph.nodes if n.name.startswith("pool_")).meta["val"].shape[1])
-            per_seq = -(-max(max_seq_len, 2) // block)
-            dims = [batch, dim(1, -(-_OPT["capacity"] // block), per_seq)]
-        elif node.name == "slot_mapping":
-            dims = [batch] if phase == "decode" else [batch, seq]
-        elif node.name.startswith("pool_"):  # paged: [num_blocks, block_size, kv_heads, head_dim]
-            blocks = (pool_blocks,) * 3 if pool_blocks else dim(2, 1024, 1 << 16)
-            dims = [blocks] + [(int(d),) * 3 for d in val.shape[1:]]
-        else:  # a cache [B, kv_heads, T, head_dim]
-            heads, width = int(val.shape[1]), int(val.shape[3])
-            dims = [batch, (heads,) * 3, cap, (width,) * 3]
+    for spec in sig.inputs:
+        dims = [ranges[d] if isinstance(d, str) else (d,) * 3 for d in spec.shape]
         lo, opt, hi = zip(*dims)
-        profile.append((node.name, lo, opt, hi, val.dtype))
+        profile.append((spec.name, lo, opt, hi, spec.dtype))
     return profile
 
 
-def _inputs(torch_tensorrt, gm, phase: str, options: dict):
+def _inputs(torch_tensorrt, ctx: PassContext, pool_blocks):
     return [
         torch_tensorrt.Input(min_shape=lo, opt_shape=opt, max_shape=hi, dtype=dtype)
-        for _, lo, opt, hi, dtype in optimization_profile(
-            gm, phase, options["max_batch_size"], options["max_seq_len"], options.get("kv_pool_blocks"))
+        for _, lo, opt, hi, dtype in optimization_profile(ctx, pool_blocks)
     ]
 
 
-def _exported(gm: torch.fx.GraphModule, phase: str, options: dict) -> torch.export.ExportedProgram:
+def _exported(gm: torch.fx.GraphModule, ctx: PassContext) -> torch.export.ExportedProgram:
     """The phase as TensorRT takes it: aten SDPA attention, functional cache writes."""
-    return export_program(_with_reference_attention(gm), phase, options["max_batch_size"], options["max_seq_len"],
-                          functional=True)
+    return export_program(_with_reference_attention(gm), ctx, functional=True)
 
 
 def _write_back(caches, presents) -> None:
@@ -150,18 +137,9 @@ class CompiledPhase:
         return outs[0]
 
 
-def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict) -> CompiledPhase:
-    torch_tensorrt, _ = _require_trt()
-    device = _cuda_device(options.get("device", "cpu"))
-    ep = _exported(gm, phase, options)
-    module = torch_tensorrt.dynamo.compile(
-        ep,
-        inputs=_inputs(torch_tensorrt, gm, phase, options),
-        device=device,
-        min_block_size=1,  # no short run of convertible ops is left to PyTorch
-        **_BUILD,
-    )
-    return CompiledPhase(module, sum(1 for n in gm.graph.nodes if n.op == "placeholder" and not is_cache_input(n.name)))
+def _n_small(sig: PhaseSignature) -> int:
+    """Inputs before the KV state (ids, positions, block table, ...)."""
+    return sum(1 for i in range(len(sig.inputs)) if not sig.is_state(i))
 
 
 # ----------------------------------------------------------------------------- engines
@@ -216,11 +194,11 @@ def _binding_names(trt, engine, graph_inputs) -> tuple[list[str], list[str]]:
 class EnginePhase:
     """Callable running one serialized TensorRT engine: ``(*small inputs, *caches) -> logits``."""
 
-    def __init__(self, data: bytes, device: torch.device, inputs: list[str], outputs: list[str]):
+    def __init__(self, data: bytes, device: torch.device, inputs: list[str], outputs: list[str], n_small: int):
         _, trt = _require_trt()
         self.device = device
         self.engine = _deserialize(trt, data, device)
-        self.n_small = sum(1 for n in inputs if not is_cache_input(n))  # ids, positions, block table, ...
+        self.n_small = n_small
         if len(outputs) != len(inputs) - self.n_small + 1:  # logits + one present per cache
             raise RuntimeError(f"TensorRT engine with inputs {inputs} and outputs {outputs} is not a pdcompile phase")
         self.inputs, self.outputs = inputs, outputs
@@ -252,29 +230,52 @@ class EnginePhase:
         return outs[0]
 
 
-def save_phase(gm: torch.fx.GraphModule, phase: str, folder, options: dict) -> dict:
-    """Plain TensorRT engine ``<phase>.engine`` in ``folder``, its tensor names in the entry."""
-    torch_tensorrt, trt = _require_trt()
-    device = _cuda_device(options.get("device", "cpu"))
-    ep = _exported(gm, phase, options)
-    try:
-        data = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
-            ep, inputs=_inputs(torch_tensorrt, gm, phase, options), device=device, **_BUILD
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """pool_blocks: the paged pool's size, fixed in the engine's profile (None: a wide range)."""
+
+    pool_blocks: int | None = None
+
+
+class TensorRTBackend(Backend):
+    name = "tensorrt"
+    options_class = TensorRTOptions
+    native_code = True  # engines (and any plugins) are machine code
+
+    def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> CompiledPhase:
+        torch_tensorrt, _ = _require_trt()
+        device = _cuda_device(ctx.device)
+        module = torch_tensorrt.dynamo.compile(
+            _exported(gm, ctx),
+            inputs=_inputs(torch_tensorrt, ctx, self.options.pool_blocks),
+            device=device,
+            min_block_size=1,  # no short run of convertible ops is left to PyTorch
+            **_BUILD,
         )
-    except Exception as e:  # the whole phase must convert: one engine, no PyTorch fallback
-        raise RuntimeError(
-            f"TensorRT could not build the {phase} engine ({type(e).__name__}: {e}); torch-tensorrt logs the "
-            "operator it could not convert"
-        ) from e
-    name = f"{phase}.engine"
-    (Path(folder) / name).write_bytes(data)
-    # Read the names back from the engine itself: they are what load_phase binds.
-    inputs, outputs = _binding_names(trt, _deserialize(trt, data, device), ep.graph_signature.user_inputs)
-    return {"files": [name], "engine_inputs": inputs, "engine_outputs": outputs}
+        return CompiledPhase(module, _n_small(ctx.signature))
 
+    def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
+        """Plain TensorRT engine ``<phase>.engine`` in ``folder``, its tensor names in the entry."""
+        torch_tensorrt, trt = _require_trt()
+        device = _cuda_device(ctx.device)
+        ep = _exported(gm, ctx)
+        try:
+            data = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine(
+                ep, inputs=_inputs(torch_tensorrt, ctx, self.options.pool_blocks), device=device, **_BUILD
+            )
+        except Exception as e:  # the whole phase must convert: one engine, no PyTorch fallback
+            raise RuntimeError(
+                f"TensorRT could not build the {ctx.phase} engine ({type(e).__name__}: {e}); torch-tensorrt logs the "
+                "operator it could not convert"
+            ) from e
+        name = f"{ctx.phase}.engine"
+        (Path(folder) / name).write_bytes(data)
+        # Read the names back from the engine itself: they are what load() binds.
+        inputs, outputs = _binding_names(trt, _deserialize(trt, data, device), ep.graph_signature.user_inputs)
+        return {"files": [name], "engine_inputs": inputs, "engine_outputs": outputs}
 
-def load_phase(folder, entry: dict, device: torch.device) -> EnginePhase:
-    _require_trt()
-    device = _cuda_device(device)
-    data = (Path(folder) / entry["files"][0]).read_bytes()
-    return EnginePhase(data, device, entry["engine_inputs"], entry["engine_outputs"])
+    def load(self, folder: Path, entry: dict, ctx: PassContext) -> EnginePhase:
+        _require_trt()
+        device = _cuda_device(ctx.device)
+        data = (Path(folder) / entry["files"][0]).read_bytes()
+        return EnginePhase(data, device, entry["engine_inputs"], entry["engine_outputs"], _n_small(ctx.signature))

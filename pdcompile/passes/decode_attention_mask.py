@@ -30,33 +30,22 @@ from __future__ import annotations
 
 import torch
 
-from .fuse_causal_mask import MaskContractError, _seq_upper_bound
+from ..phase import PassContext, Role
+from .fuse_causal_mask import _seq_upper_bound
 from .manager import GraphPass, PassResult
-from .utils import (
-    SDPA,
-    backward_slice,
-    evaluate_slice,
-    keep_mask,
-    placeholder,
-    replace_with_attention,
-    sdpa_args,
-    shape_only_placeholders,
-    slice_reads_params,
-    val,
-)
+from .utils import SDPA, mask_window, replace_with_attention, sdpa_args, val
 
 NAME = "decode_attention_mask"
 
 
-def _samples(nodes: list[torch.fx.Node], pos_name: str, queries: int, capacity_max: int):
+def _samples(nodes: list[torch.fx.Node], names: dict[Role, str], queries: int, capacity_max: int):
     cases = [([0, 7, 12], 16), ([3], 9), ([capacity_max - queries, capacity_max // 2], capacity_max)]
     for positions, capacity in cases:
         batch = len(positions)
-        inputs = {
-            "input_ids": torch.zeros(batch, queries, dtype=torch.long),
-            pos_name: torch.tensor(positions),
-            "last_idx": torch.full((batch,), queries - 1),
-        }
+        inputs = {names[Role.TOKENS]: torch.zeros(batch, queries, dtype=torch.long),
+                  names[Role.POSITIONS]: torch.tensor(positions)}
+        if Role.LAST_IDX in names:  # extend
+            inputs[names[Role.LAST_IDX]] = torch.full((batch,), queries - 1)
         for node in nodes:
             if node.op == "placeholder" and node.name not in inputs:
                 v = val(node)
@@ -76,15 +65,24 @@ def _check(keep: torch.Tensor, positions: list[int], window: int) -> str | None:
     return None
 
 
-def decode_attention_mask(gm: torch.fx.GraphModule) -> PassResult:
-    pos = placeholder(gm, "pos") or placeholder(gm, "start")
-    if pos is None:
-        return PassResult(gm, 0, "not a decode or extend graph (no pos/start input)")
-    queries = 1
-    if pos.name == "start":  # extend: evaluate with a few new tokens per row
-        queries = 4
-    cache = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("caches")), None)
-    capacity_max = _seq_upper_bound(val(cache).transpose(1, 2), 512) if cache is not None else 512
+def _infer_window(keep: torch.Tensor, positions: list[int]) -> int:
+    """A sliding window shows as fewer keys for the first query of the first row."""
+    w = int(keep[0].reshape(-1, keep.shape[-1])[0].sum())
+    return w if w < positions[0] + 1 else 0
+
+
+def decode_attention_mask(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    sig = ctx.signature
+    if not sig.has(Role.POSITIONS):
+        return PassResult(gm, 0, "not a decode or extend graph (no positions input)")
+    nodes = sig.nodes(gm)
+    pos = nodes[Role.POSITIONS][0]
+    names = {role: found[0].name for role, found in nodes.items() if len(found) == 1}
+    # decode: one query per row; extend: evaluate with a few new tokens per row
+    single = sig.inputs[sig.index(Role.TOKENS)].shape[1] == 1
+    queries = 1 if single else 4
+    caches = nodes[Role.CACHE]
+    capacity_max = _seq_upper_bound(val(caches[0]).transpose(1, 2), 512) if caches else 512
     sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
     if not sdpas:
         return PassResult(gm, 0, "no aten.scaled_dot_product_attention in the graph (attention is not SDPA)")
@@ -93,34 +91,19 @@ def decode_attention_mask(gm: torch.fx.GraphModule) -> PassResult:
     for sdpa in sdpas:
         a = sdpa_args(sdpa)
         mask = a["attn_mask"]
-        if mask is None or a["dropout_p"] or (pos.name == "pos" and int(val(a["query"]).shape[2]) != 1):
+        if mask is None or a["dropout_p"] or (single and int(val(a["query"]).shape[2]) != 1):
             declined.append(f"{sdpa.name}: not queries against a masked cache")
             continue
         if mask not in verdicts:
-            nodes = backward_slice(mask)
-            values, _ = shape_only_placeholders(nodes)
-            if slice_reads_params(nodes) or not values <= {pos.name, "last_idx"}:
-                declined.append(f"{sdpa.name}: mask depends on {sorted(values - {pos.name}) or 'weights'}")
-                verdicts[mask] = -1
-                continue
-            window, problem = 0, None
-            for inputs, positions in _samples(nodes, pos.name, queries, capacity_max):
-                keep = keep_mask(evaluate_slice(gm, mask, inputs))
-                problem = _check(keep, positions, window)
-                if problem and not window:
-                    # a sliding window shows as fewer keys for the row at the last slot
-                    row = keep[0].reshape(-1, keep.shape[-1])[0]  # first query of the first row
-                    w = int(row.sum())
-                    if w < positions[0] + 1:
-                        window = w
-                        problem = _check(keep, positions, window)
-                if problem:
-                    break
-            if problem:
-                raise MaskContractError(
-                    f"the cached attention mask feeding {sdpa.name} does not match 'keys 0..{pos.name}[b] + i' ({problem})"
-                )
-            verdicts[mask] = window
+            allowed = {pos.name} | ({names[Role.LAST_IDX]} if Role.LAST_IDX in names else set())
+            verdict = mask_window(
+                gm, mask, allowed, lambda n: _samples(n, names, queries, capacity_max), _check, _infer_window,
+                f"the cached attention mask feeding {sdpa.name} does not match 'keys 0..{pos.name}[b] + i'",
+            )
+            if isinstance(verdict, str):
+                declined.append(f"{sdpa.name}: {verdict}")
+                verdict = -1
+            verdicts[mask] = verdict
         if verdicts[mask] < 0:
             continue
         replace_with_attention(gm, sdpa, pos, verdicts[mask])

@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import torch
 
+from ..phase import STATE_ROLES, PhaseSignature
 from .utils import aten, val
 
 _INPLACE = {aten.index_copy_.default, aten.index_put_.default}
-
-
-def is_cache_input(name: str) -> bool:
-    """Contiguous caches (``caches_i``) and paged pools (``pool_i``): the state a phase updates."""
-    return name.startswith(("caches_", "pool_"))
 
 
 def _full_indices(graph, cache: torch.fx.Node, node: torch.fx.Node):
@@ -66,10 +62,11 @@ def _full_indices(graph, cache: torch.fx.Node, node: torch.fx.Node):
     return [rows, head_idx, slots], values
 
 
-def functionalize_cache_writes(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+def functionalize_cache_writes(gm: torch.fx.GraphModule, signature: PhaseSignature) -> torch.fx.GraphModule:
     """Rewrite ``gm`` in place as described above; return it."""
     graph = gm.graph
-    caches = [n for n in graph.nodes if n.op == "placeholder" and is_cache_input(n.name)]
+    nodes = signature.nodes(gm)
+    caches = [n for role in STATE_ROLES for n in nodes[role]]
     latest = {c: c for c in caches}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in _INPLACE:

@@ -33,26 +33,12 @@ from __future__ import annotations
 
 import torch
 
+from ..phase import PassContext, Role
 from .manager import GraphPass, PassResult
-from .utils import (
-    SDPA,
-    evaluate_slice,
-    first_visible_mismatch,
-    keep_mask,
-    backward_slice,
-    placeholder,
-    replace_with_attention,
-    sdpa_args,
-    shape_only_placeholders,
-    slice_reads_params,
-    val,
-)
+from .utils import SDPA, MaskContractError, first_visible_mismatch, mask_window, replace_with_attention, sdpa_args, val
 
 NAME = "fuse_causal_mask"
-
-
-class MaskContractError(RuntimeError):
-    """A captured attention mask does not express the phase contract."""
+__all__ = ["MaskContractError", "PASS"]
 
 
 def _seq_upper_bound(ids_val, fallback: int) -> int:
@@ -66,12 +52,12 @@ def _seq_upper_bound(ids_val, fallback: int) -> int:
     return int(size)
 
 
-def _samples(nodes: list[torch.fx.Node], max_seq: int):
+def _samples(nodes: list[torch.fx.Node], ids: torch.fx.Node, last_idx: torch.fx.Node, max_seq: int):
     """(inputs by placeholder name, lengths) for a few right-padded batches."""
     cases = [([7], 7), ([9, 4, 1], 9), ([2, 5], 5), ([max_seq], max_seq)]
     for lengths, seq in cases:
         batch = len(lengths)
-        inputs = {"input_ids": torch.zeros(batch, seq, dtype=torch.long), "last_idx": torch.tensor(lengths) - 1}
+        inputs = {ids.name: torch.zeros(batch, seq, dtype=torch.long), last_idx.name: torch.tensor(lengths) - 1}
         for node in nodes:  # cache tensors whose shape the mask reads
             if node.op == "placeholder" and node.name not in inputs:
                 v = val(node)
@@ -96,16 +82,19 @@ def _check_causal(keep: torch.Tensor, lengths: list[int], window: int) -> str | 
     return first_visible_mismatch(keep, expected, [(b, list(range(n))) for b, n in enumerate(lengths)])
 
 
-def _infer_window(keep: torch.Tensor) -> int:
-    """Keys visible to the last query of a full-length row: the window, if below the length."""
+def _infer_window(keep: torch.Tensor, lengths: list[int]) -> int:
+    """Keys visible to the last query of a full-length single row: the window, if below the length."""
     seq = keep.shape[-1]
-    return int(keep[0, 0, seq - 1].sum()) if keep.dim() == 4 else seq
+    if len(lengths) != 1 or lengths[0] != seq or keep.dim() != 4:
+        return 0
+    return int(keep[0, 0, seq - 1].sum())
 
 
-def fuse_causal_mask(gm: torch.fx.GraphModule) -> PassResult:
-    ids = placeholder(gm, "input_ids")
-    if ids is None or placeholder(gm, "last_idx") is None:
-        return PassResult(gm, 0, "not a prefill graph (no input_ids/last_idx inputs)")
+def fuse_causal_mask(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    sig = ctx.signature
+    if sig.has(Role.POSITIONS) or not sig.has(Role.LAST_IDX):
+        return PassResult(gm, 0, f"not a prefill graph ({ctx.phase}: queries start after a cache)")
+    ids, last_idx = sig.node(gm, Role.TOKENS), sig.node(gm, Role.LAST_IDX)
     max_seq = _seq_upper_bound(val(ids), 512)
     sdpas = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is SDPA]
     if not sdpas:
@@ -127,27 +116,16 @@ def fuse_causal_mask(gm: torch.fx.GraphModule) -> PassResult:
                 declined.append(f"{sdpa.name}: no mask and not causal")
             continue
         if mask not in verdicts:
-            nodes = backward_slice(mask)
-            values, _ = shape_only_placeholders(nodes)
-            if slice_reads_params(nodes) or not values <= {"last_idx"}:
-                declined.append(f"{sdpa.name}: mask depends on {sorted(values - {'last_idx'}) or 'weights'}")
-                verdicts[mask] = -1
-                continue
-            window, problem = 0, None
-            for inputs, lengths in _samples(nodes, max_seq):
-                keep = keep_mask(evaluate_slice(gm, mask, inputs))
-                problem = _check_causal(keep, lengths, window)
-                if problem and not window and len(lengths) == 1 and lengths[0] == keep.shape[-1]:
-                    window = _infer_window(keep)
-                    problem = _check_causal(keep, lengths, window)
-                if problem:
-                    break
-            if problem:
-                raise MaskContractError(
-                    f"the attention mask feeding {sdpa.name} is not causal for real tokens ({problem}); "
-                    "pdcompile cannot run this model's prefill correctly"
-                )
-            verdicts[mask] = window
+            verdict = mask_window(
+                gm, mask, {last_idx.name}, lambda nodes: _samples(nodes, ids, last_idx, max_seq), _check_causal,
+                _infer_window,
+                f"the attention mask feeding {sdpa.name} is not causal for real tokens; pdcompile cannot run this "
+                "model's prefill correctly",
+            )
+            if isinstance(verdict, str):
+                declined.append(f"{sdpa.name}: {verdict}")
+                verdict = -1
+            verdicts[mask] = verdict
         if verdicts[mask] < 0:
             continue
         replace_with_attention(gm, sdpa, None, verdicts[mask])

@@ -1,6 +1,7 @@
 """Runs a pipeline of graph passes over one phase graph.
 
-Everything that is the same for every pass lives here: skipping disabled passes,
+Every pass is ``fn(gm, ctx: PassContext) -> PassResult``. Everything that is the same
+for every pass lives here: skipping disabled passes,
 timing and logging, dead-code elimination + lint + recompile after each pass,
 refreshing the fake-tensor metadata the next pass reads, graph dumps when
 ``PDCOMPILE_DUMP_DIR`` names a folder, the cost estimate for the report, and
@@ -19,7 +20,7 @@ from typing import Callable
 import torch
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from ..config import PassConfig
+from ..phase import PassContext, PhaseSignature
 
 logger = logging.getLogger(__name__)
 
@@ -29,17 +30,19 @@ DUMP_ENV = "PDCOMPILE_DUMP_DIR"
 @dataclass(frozen=True)
 class PassResult:
     """What a pass did: the graph module (changed in place), how many sites it rewrote,
-    and a sentence for the report (what matched, or why nothing did)."""
+    a sentence for the report (what matched, or why nothing did), and the phase's new
+    signature when the pass changed the graph's inputs (``None``: unchanged)."""
 
     gm: torch.fx.GraphModule
     matches: int
     detail: str = ""
+    signature: PhaseSignature | None = None
 
 
 @dataclass(frozen=True)
 class GraphPass:
     name: str
-    fn: Callable[[torch.fx.GraphModule], PassResult]
+    fn: Callable[[torch.fx.GraphModule, PassContext], PassResult]
     doc: str = ""
 
 
@@ -78,11 +81,11 @@ def refresh_meta(gm: torch.fx.GraphModule) -> None:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*vals)
 
 
-def _dump(gm: torch.fx.GraphModule, phase: str, index: int, name: str, when: str) -> None:
-    folder = os.environ.get(DUMP_ENV)
+def _dump(gm: torch.fx.GraphModule, ctx: PassContext, index: int, name: str, when: str) -> None:
+    folder = ctx.dump_dir or os.environ.get(DUMP_ENV)
     if not folder:
         return
-    path = Path(folder) / phase
+    path = Path(folder) / ctx.phase
     path.mkdir(parents=True, exist_ok=True)
     (path / f"{index:02d}_{name}_{when}.txt").write_text(gm.print_readable(print_output=False, include_stride=False))
 
@@ -90,29 +93,32 @@ def _dump(gm: torch.fx.GraphModule, phase: str, index: int, name: str, when: str
 def run_pipeline(
     gm: torch.fx.GraphModule,
     pipeline: list[GraphPass],
-    config: PassConfig,
-    phase: str,
-    cost_fn: Callable[[torch.fx.GraphModule], dict] | None = None,
-) -> tuple[torch.fx.GraphModule, list[PassRecord]]:
-    """Apply ``pipeline`` in order; return the graph and one record per pass."""
+    ctx: PassContext,
+    cost_fn: Callable[[torch.fx.GraphModule, PhaseSignature], dict] | None = None,
+) -> tuple[torch.fx.GraphModule, list[PassRecord], PassContext]:
+    """Apply ``pipeline`` in order; return the graph, one record per pass and the final context."""
     from ..cost import estimate_cost
 
-    cost_fn = cost_fn or (lambda g: estimate_cost(g, phase))
+    cost_fn = cost_fn or estimate_cost
+    phase = ctx.phase
     records: list[PassRecord] = []
     done: list[str] = []
-    _dump(gm, phase, 0, "captured", "graph")
+    _dump(gm, ctx, 0, "captured", "graph")
     cost = None  # the graph's cost as the last pass left it (estimating walks the whole graph)
     for i, gpass in enumerate(pipeline, start=1):
-        if not config.enabled(gpass.name):
+        if not ctx.passes.enabled(gpass.name):
             records.append(PassRecord(gpass.name, "disabled"))
             logger.info("[%s] %s: disabled", phase, gpass.name)
             continue
-        cost = cost if cost is not None else cost_fn(gm)
+        cost = cost if cost is not None else cost_fn(gm, ctx.signature)
         rec = PassRecord(gpass.name, "no match", nodes_before=len(gm.graph.nodes), cost_before=cost)
         t0 = time.perf_counter()
         try:
-            result = gpass.fn(gm)
+            result = gpass.fn(gm, ctx)
             gm = result.gm
+            if result.signature is not None:
+                ctx = ctx.with_signature(result.signature)
+                ctx.signature.nodes(gm)  # the graph's inputs must be the new signature's
             cleanup(gm)
             refresh_meta(gm)
         except Exception as e:
@@ -122,13 +128,13 @@ def run_pipeline(
         rec.matches, rec.detail = result.matches, result.detail
         rec.status = "applied" if result.matches else "no match"
         rec.nodes_after = len(gm.graph.nodes)
-        rec.cost_after = cost = cost_fn(gm)
+        rec.cost_after = cost = cost_fn(gm, ctx.signature)
         records.append(rec)
         done.append(gpass.name)
-        _dump(gm, phase, i, gpass.name, "after")
+        _dump(gm, ctx, i, gpass.name, "after")
         logger.info(
             "[%s] %s: %s, %d match(es), %d -> %d nodes, %.2f s%s",
             phase, gpass.name, rec.status, rec.matches, rec.nodes_before, rec.nodes_after, rec.seconds,
             f" ({rec.detail})" if rec.detail else "",
         )
-    return gm, records
+    return gm, records, ctx

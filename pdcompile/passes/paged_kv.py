@@ -34,11 +34,11 @@ import torch
 from torch._dynamo.source import ConstantSource
 from torch.fx.experimental.symbolic_shapes import DimDynamic
 
+from ..phase import PassContext, Role
 from .manager import GraphPass, PassResult
 from .utils import aten, val
 
 NAME = "paged_kv"
-DEFAULT_BLOCK_SIZE = 16
 
 
 def _new_dim(mode, name: str, hint: int):
@@ -59,13 +59,16 @@ def _classify(write: torch.fx.Node) -> str | None:
     return None
 
 
-def make_paged(gm: torch.fx.GraphModule, block_size: int = DEFAULT_BLOCK_SIZE) -> PassResult:
+def paged_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Rewrite ``gm`` in place to ``ctx.cache.block_size``-token blocks; the result carries the paged signature."""
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    caches = [n for n in placeholders if n.name.startswith("caches_")]
+    block_size = ctx.cache.block_size
+    sig = ctx.signature
+    nodes = sig.nodes(gm)
+    caches = nodes[Role.CACHE]
     if not caches:
         return PassResult(gm, 0, "no cache inputs (already paged?)")
-    ids = next(n for n in placeholders if n.name == "input_ids")
+    ids = nodes[Role.TOKENS][0]
     # The batch size may have been read off a cache (export picks any source for a
     # symbol); read it off input_ids instead, so the cache can go.
     for cache in caches:
@@ -88,25 +91,27 @@ def make_paged(gm: torch.fx.GraphModule, block_size: int = DEFAULT_BLOCK_SIZE) -
         return PassResult(gm, 0, f"mixed cache write kinds {kinds}")
     kind = kinds.pop()
 
+    new_sig = sig.paged(block_size)
+    table_spec, slots_spec = new_sig.of(Role.BLOCK_TABLE)[0], new_sig.of(Role.SLOT_MAPPING)[0]
     mode = torch._guards.detect_fake_mode([val(ids)])
     batch = val(ids).shape[0]
     blocks_per_seq = _new_dim(mode, "kv_blocks_per_seq", 5)
     num_blocks = _new_dim(mode, "kv_pool_blocks", 37)
-    last_plain = [n for n in placeholders if not n.name.startswith("caches_")][-1]
+    last_plain = [n for n, spec in zip(graph.find_nodes(op="placeholder"), sig.inputs) if spec.role is not Role.CACHE][-1]
     with graph.inserting_after(last_plain):
-        slot_mapping = graph.placeholder("slot_mapping")
+        slot_mapping = graph.placeholder(slots_spec.name)
     with graph.inserting_after(last_plain):
-        block_table = graph.placeholder("block_table")
+        block_table = graph.placeholder(table_spec.name)
     with mode:
         block_table.meta["val"] = torch.empty(batch, blocks_per_seq, dtype=torch.long, device=val(ids).device)
         smap_shape = (batch,) if kind == "token" else (batch, val(ids).shape[1])
         slot_mapping.meta["val"] = torch.empty(smap_shape, dtype=torch.long, device=val(ids).device)
 
-    for cache, write in plans.items():
+    for (cache, write), pool_spec in zip(plans.items(), new_sig.of(Role.POOL)):
         cv = val(cache)
         heads, dim = int(cv.shape[1]), int(cv.shape[3])
         with graph.inserting_before(cache):
-            pool = graph.placeholder(cache.name.replace("caches_", "pool_"))
+            pool = graph.placeholder(pool_spec.name)
         with mode:
             pool.meta["val"] = torch.empty(num_blocks, block_size, heads, dim, dtype=cv.dtype, device=cv.device)
         with graph.inserting_before(write):
@@ -129,11 +134,8 @@ def make_paged(gm: torch.fx.GraphModule, block_size: int = DEFAULT_BLOCK_SIZE) -
                 write.replace_all_uses_with(full)
         graph.erase_node(write)
         graph.erase_node(cache)
-    return PassResult(gm, len(plans), f"{len(plans)} caches -> pools of {block_size}-token blocks ({kind} writes)")
-
-
-def paged_kv(gm: torch.fx.GraphModule) -> PassResult:
-    return make_paged(gm)
+    return PassResult(gm, len(plans), f"{len(plans)} caches -> pools of {block_size}-token blocks ({kind} writes)",
+                      signature=new_sig)
 
 
 PASS = GraphPass(NAME, paged_kv, __doc__)

@@ -45,8 +45,11 @@ import operator
 import sympy
 import torch
 
+from torch.fx.node import map_aggregate
+
+from ..phase import PassContext, Role
 from .manager import GraphPass, PassResult
-from .utils import ATTENTION, SDPA, aten, placeholder, sdpa_args, val
+from .utils import ATTENTION, SDPA, aten, sdpa_args, val
 
 NAME = "prune_final_layer"
 
@@ -199,11 +202,11 @@ def _is_final_gather(node, last_idx) -> bool:
         and indices[0].target is aten.arange.default
 
 
-def prune_final_layer(gm: torch.fx.GraphModule) -> PassResult:
+def prune_final_layer(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     graph = gm.graph
-    ids, last_idx = placeholder(gm, "input_ids"), placeholder(gm, "last_idx")
-    if ids is None or last_idx is None:
-        return PassResult(gm, 0, "not a prefill graph")
+    ids, last_idx = ctx.signature.node(gm, Role.TOKENS), ctx.signature.node(gm, Role.LAST_IDX)
+    if last_idx is None:
+        return PassResult(gm, 0, "not a prefill graph (no last_idx input)")
     out = graph.output_node().args[0]
     if not isinstance(out, torch.fx.Node) or not _is_final_gather(out, last_idx):
         return PassResult(gm, 0, "output is not logits[arange(B), last_idx] (nothing to prune)")
@@ -295,7 +298,7 @@ def prune_final_layer(gm: torch.fx.GraphModule) -> PassResult:
                     kept = last_idx if q_pos is None else graph.call_function(aten.add.Tensor, (q_pos, last_idx))
                     new = graph.call_function(ATTENTION, (mapped(q), k, v, kept, scale, window))
             else:
-                new = graph.call_function(node.target, tuple(_map_args(node.args, mapped)), _map_kwargs(node.kwargs, mapped))
+                new = graph.call_function(node.target, map_aggregate(node.args, mapped), map_aggregate(node.kwargs, mapped))
             env[node] = new
 
     with graph.inserting_before(out):
@@ -308,20 +311,6 @@ def prune_final_layer(gm: torch.fx.GraphModule) -> PassResult:
     linears = sum(1 for n in region if n.target in (aten.linear.default, aten.addmm.default, aten.mm.default))
     detail = f"{len(region)} nodes on the last position only ({linears} matmuls, {attention_rewrites} attention)"
     return PassResult(gm, 1, detail)
-
-
-def _map_args(args, fn):
-    out = []
-    for a in args:
-        if isinstance(a, (list, tuple)):
-            out.append(type(a)(fn(x) for x in a))
-        else:
-            out.append(fn(a))
-    return out
-
-
-def _map_kwargs(kwargs, fn):
-    return {k: (type(v)(fn(x) for x in v) if isinstance(v, (list, tuple)) else fn(v)) for k, v in kwargs.items()}
 
 
 PASS = GraphPass(NAME, prune_final_layer, __doc__)

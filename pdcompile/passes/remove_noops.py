@@ -59,7 +59,7 @@ def _noop_input(node: torch.fx.Node) -> torch.fx.Node | None:
     return None
 
 
-def remove_noops(gm: torch.fx.GraphModule) -> PassResult:
+def remove_noops(gm: torch.fx.GraphModule, ctx=None) -> PassResult:
     removed = 0
     for node in list(gm.graph.nodes):
         src = _noop_input(node)

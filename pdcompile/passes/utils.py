@@ -23,11 +23,8 @@ def sdpa_args(node: torch.fx.Node) -> dict:
     return out
 
 
-def placeholder(gm: torch.fx.GraphModule, name: str) -> torch.fx.Node | None:
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name == name:
-            return node
-    return None
+class MaskContractError(RuntimeError):
+    """A captured attention mask does not express the phase contract."""
 
 
 def val(node) -> torch.Tensor | None:
@@ -148,3 +145,30 @@ def first_visible_mismatch(
                 if got != want:
                     return f"row {b} query {i}: keeps {[j for j, x in enumerate(got) if x]}, expected {[j for j, x in enumerate(want) if x]}"
     return None
+
+
+def mask_window(gm: torch.fx.GraphModule, mask: torch.fx.Node, allowed: set[str], samples, check, infer_window,
+                what: str) -> int | str:
+    """Decide whether the mask sub-graph ``mask`` is the phase's position contract.
+
+    Returns the sliding window it implements (0: none), or a sentence saying why it is
+    not a candidate (it reads weights or inputs outside ``allowed``). A candidate is
+    evaluated on ``samples(nodes)`` -> (inputs by placeholder name, expected rows) and
+    compared by ``check(keep, expected, window)``; a window is inferred once from the
+    first mismatch by ``infer_window(keep, expected)``. A candidate that still
+    contradicts the contract raises :class:`MaskContractError` (``what`` says which).
+    """
+    nodes = backward_slice(mask)
+    values, _ = shape_only_placeholders(nodes)
+    if slice_reads_params(nodes) or not values <= allowed:
+        return f"mask depends on {sorted(values - allowed) or 'weights'}"
+    window, problem = 0, None
+    for inputs, expected in samples(nodes):
+        keep = keep_mask(evaluate_slice(gm, mask, inputs))
+        problem = check(keep, expected, window)
+        if problem and not window:
+            window = infer_window(keep, expected)
+            problem = check(keep, expected, window) if window else problem
+        if problem:
+            raise MaskContractError(f"{what} ({problem})")
+    return window
