@@ -23,15 +23,9 @@ logger = logging.getLogger(__name__)
 
 
 def default_max_seq_len(config) -> int:
-    """The model's own limit: its position table, and its sliding window if it has one.
-
-    Beyond a sliding window the captured decode mask (one shared query offset, see
-    capture.py) would no longer match HF's, so sequences are capped at the window.
-    """
+    """The model's own limit: its position table (a sliding window does not limit it:
+    sliding layers attend to the last ``window`` positions, see capture.SlidingLayout)."""
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
-    window = getattr(config, "sliding_window", None)
-    if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True) is not False:
-        limit = min(limit, window)
     return int(limit)
 
 
@@ -50,7 +44,7 @@ def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_siz
     elif seq > model_limit:
         raise ValueError(
             f"max_seq_len={seq} exceeds what {type(model).__name__} supports ({model_limit}: "
-            "max_position_embeddings / sliding_window of its config)"
+            "max_position_embeddings of its config)"
         )
     # paging is one switch: the pass and the runner must agree
     passes = config.passes

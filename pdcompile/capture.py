@@ -180,6 +180,44 @@ class _ProbeCache(Cache):
 # --------------------------------------------------------------------------- wrappers
 
 
+@dataclass(frozen=True)
+class SlidingLayout:
+    """Which layers attend to a sliding window, read from the config (not from a family list).
+
+    ``layer_types``: the config's per-layer types when it has them (hybrid models such as
+    Gemma2/3, Qwen2 with max_window_layers); ``None`` when every layer slides (Mistral-style
+    ``sliding_window`` without ``layer_types``).
+    """
+
+    window: int
+    layer_types: tuple[str, ...] | None
+
+
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def sliding_layout(config) -> SlidingLayout | None:
+    """The model's sliding-window layout, or ``None`` when no layer slides."""
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        unknown = sorted(set(layer_types) - _LAYER_TYPES)
+        if unknown:
+            raise UnsupportedModelError(
+                f"{type(config).__name__} has layer types {unknown}; pdcompile captures full and sliding-window "
+                "attention layers only (recurrent, linear or chunked attention layers are not supported)."
+            )
+        if "sliding_attention" not in layer_types:
+            return None
+        if not isinstance(window, int) or window < 1:
+            raise UnsupportedModelError(f"{type(config).__name__} has sliding layers but sliding_window={window!r}")
+        return SlidingLayout(window, tuple(layer_types))
+    if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True) is not False:
+        return SlidingLayout(window, None)
+    return None
+
+
 class _PhaseModule(torch.nn.Module):
     """What every phase wrapper shares: the model called on cache tensors it writes in place."""
 
@@ -188,6 +226,35 @@ class _PhaseModule(torch.nn.Module):
         self.model = model
         self.num_layers = num_layers
         self.cache_arg = cache_arg(model)
+        self.sliding = sliding_layout(model.config)
+
+    def _mask(self, q_pos, capacity: int, keys=None):
+        """The 4-D keep-mask ``[B, 1, S, T]``: query at position ``q_pos[b, i]`` sees keys 0..q_pos,
+        and on sliding layers only the last ``window`` of them (HF's ``q - k < window``).
+
+        Handed to HF ready-made (a dict by layer type for hybrid models), because HF's own
+        masks assume one query offset for the whole batch, and its sliding masks count from
+        the cache length the capture claims, not from each row's position.
+        """
+        batch, seq = q_pos.shape
+        kv = torch.arange(capacity, device=q_pos.device).view(1, 1, 1, -1)
+        q = q_pos.view(batch, 1, seq, 1)
+        full = kv <= q
+        if keys is not None:
+            full = full & keys.view(batch, 1, 1, -1)
+        masks = {"full_attention": full}
+        if self.sliding is not None:
+            masks["sliding_attention"] = full & (q - kv < self.sliding.window)
+        if getattr(self.model.config, "_attn_implementation", "sdpa") != "sdpa":
+            # HF's eager attention adds a ready-made mask to the scores: additive, not bool
+            dtype = next(self.model.parameters()).dtype
+            masks = {k: torch.zeros((), dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+                     for k, m in masks.items()}
+        if self.sliding is None:
+            return masks["full_attention"]
+        if self.sliding.layer_types is None:
+            return masks["sliding_attention"]
+        return masks
 
     def _logits(self, input_ids, attention_mask, position_ids, caches, cache_pos, extend: bool = False):
         layers = [_CaptureLayer(caches[2 * i], caches[2 * i + 1], cache_pos, extend=extend) for i in range(self.num_layers)]
@@ -209,6 +276,8 @@ class PrefillModule(_PhaseModule):
         positions = torch.arange(seq, device=input_ids.device).unsqueeze(0).expand(batch, seq)
         # HF builds its causal+padding mask from this; the mask-fusion pass replaces it.
         attention_mask = positions <= last_idx.unsqueeze(1)
+        if self.sliding is not None:
+            attention_mask = self._mask(positions, seq, keys=attention_mask)
         return self._logits(input_ids, attention_mask, positions, caches, None)
 
     def forward(self, input_ids, last_idx, *caches):
@@ -239,9 +308,7 @@ class ExtendModule(_PhaseModule):
         batch, seq = input_ids.shape
         capacity = caches[0].shape[2]
         positions = start.unsqueeze(1) + torch.arange(seq, device=input_ids.device).unsqueeze(0)
-        slots = torch.arange(capacity, device=input_ids.device)
-        attention_mask = (slots.view(1, 1, 1, -1) <= positions.view(batch, 1, seq, 1))
-        logits = self._logits(input_ids, attention_mask, positions, caches, start, extend=True)
+        logits = self._logits(input_ids, self._mask(positions, capacity), positions, caches, start, extend=True)
         rows = torch.arange(batch, device=input_ids.device)
         return logits[rows, last_idx]
 
@@ -251,7 +318,10 @@ class DecodeModule(_PhaseModule):
 
     def forward(self, input_ids, pos, *caches):
         capacity = caches[0].shape[2]
-        attention_mask = torch.arange(capacity, device=pos.device).unsqueeze(0) <= pos.unsqueeze(1)
+        if self.sliding is None:
+            attention_mask = torch.arange(capacity, device=pos.device).unsqueeze(0) <= pos.unsqueeze(1)
+        else:
+            attention_mask = self._mask(pos.unsqueeze(1), capacity)
         return self._logits(input_ids, attention_mask, pos.unsqueeze(1), caches, pos)[:, -1]
 
 
