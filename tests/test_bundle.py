@@ -53,7 +53,8 @@ def test_bundle_contents(bundle):
     assert {"prefill" + ext, "decode" + ext, "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["cache"]["layers"][0] == {"kv_heads": 2, "head_dim": 16, "v_head_dim": 16}
-    assert manifest["phases"]["decode"]["inputs"][1]["name"] == "pos"
+    decode_inputs = manifest["phases"]["decode"]["signature"]["inputs"]
+    assert decode_inputs[1]["name"] == "pos" and decode_inputs[1]["role"] == "positions"
     assert not any(f.endswith((".pkl", ".pt", ".bin", ".pth")) for f in manifest["files"])
     # the tokenizer saved in the bundle loads with transformers as usual
     from transformers import AutoTokenizer
