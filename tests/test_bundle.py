@@ -84,6 +84,38 @@ def test_load_never_unpickles(bundle, monkeypatch):
     assert out.shape == (3, ids.shape[1] + 24)
 
 
+# Round trip on every backend that exports, for every parity family. In the default run
+# one family per backend; AOTInductor compiles take about a minute per phase on 2 cores,
+# so the whole matrix is `slow`.
+DEFAULT_ROUND_TRIPS = {("llama", "inductor"), ("gpt2", "onnxruntime")}
+
+
+def _round_trips():
+    for backend in ("onnxruntime", "inductor"):
+        for family in models.FAMILIES:
+            marks = () if (family, backend) in DEFAULT_ROUND_TRIPS else (pytest.mark.slow,)
+            yield pytest.param(family, backend, marks=marks, id=f"{family}-{backend}")
+
+
+@pytest.mark.parametrize("family,backend", list(_round_trips()))
+def test_round_trip_every_family(family, backend, tmp_path):
+    """optimize() on ``backend`` in process, export on the same backend, load: HF's tokens.
+
+    The in-process compile comes first on purpose: inductor's compile_fx once rewrote the
+    kept graphs to return ``[logits]``, and the AOTInductor package exported from them
+    then returned a list that generate() could not use."""
+    model, fast = optimized(family, backend)
+    for phase, gm in fast.graphs.items():
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        assert isinstance(out, torch.fx.Node), f"the kept {phase} graph returns {type(out).__name__}, not the logits"
+    path = pdcompile.export(fast, tmp_path / f"{family}.pdc", backend=backend)
+    loaded = pdcompile.load(path)
+    ids, mask = models.left_padded_batch()
+    ref = model.generate(input_ids=ids, attention_mask=mask, **KW)
+    out = loaded.generate(input_ids=ids, attention_mask=mask, **KW)
+    assert torch.equal(out, ref)
+
+
 def _copy(path, tmp_path):
     import shutil
 

@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict):
     from torch._inductor.compile_fx import compile_fx
 
+    from .program import copy_graph_module
+
+    # compile_fx rewrites a graph that returns one tensor to return a list, in place; the
+    # model keeps ``gm`` for export(), where a list output would become the AOTInductor
+    # package's output too. It compiles a copy (parameters are shared, not copied).
+    gm = copy_graph_module(gm)
     fake_inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
     decomps = dict(torch._inductor.decomposition.select_decomp_table())
     decomps.update(DECOMPOSITIONS)
@@ -55,7 +61,23 @@ def save_phase(gm: torch.fx.GraphModule, phase: str, folder, options: dict) -> d
     return {"files": [name]}
 
 
-def load_phase(folder, entry: dict, device: torch.device):
+class PackagePhase:
+    """Callable running one AOTInductor package: ``(ids, idx, *caches) -> logits``.
+
+    A package returns its graph's output structure: ``[logits]`` for packages exported
+    from a graph that had been compiled in process before this was fixed (see
+    ``compile_phase``); the runtime wants the tensor.
+    """
+
+    def __init__(self, package):
+        self.package = package
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.package(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) else out
+
+
+def load_phase(folder, entry: dict, device: torch.device) -> PackagePhase:
     from pathlib import Path
 
-    return torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0]))
+    return PackagePhase(torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0])))
