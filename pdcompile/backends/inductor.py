@@ -18,6 +18,10 @@ from ..ops import DECOMPOSITIONS
 
 logger = logging.getLogger(__name__)
 
+# A bundle's .pt2 holds a compiled shared library that loading runs in this process:
+# pdcompile.load() asks for trust_native_code=True.
+NATIVE_CODE = True
+
 
 def compile_phase(gm: torch.fx.GraphModule, phase: str, example_inputs, options: dict):
     from torch._inductor.compile_fx import compile_fx

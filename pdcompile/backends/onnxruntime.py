@@ -30,7 +30,13 @@ from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
 
+# An ONNX model is data (operators from onnxruntime's own kernels; no custom-op library
+# is ever registered): its bundles load without trust_native_code.
+NATIVE_CODE = False
+
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+               "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
 def _require_ort():
@@ -162,6 +168,16 @@ class OrtPhase:
         self._bound_key = None
         dev = self.device
         self._ort_device = ("cuda", dev.index or 0) if dev.type == "cuda" else ("cpu", 0)
+
+    def declared_io(self) -> tuple[list[dict], list[dict]]:
+        """Inputs and outputs as the ONNX model itself declares them, in a bundle's phase
+        signature form: ``{"name", "dtype", "shape"}``, a dimension's name where it is dynamic."""
+
+        def sig(args):
+            return [{"name": a.name, "dtype": _ORT_DTYPES.get(a.type, a.type),
+                     "shape": [d if isinstance(d, int) else str(d) for d in a.shape]} for a in args]
+
+        return sig(self.session.get_inputs()), sig(self.session.get_outputs())
 
     def _check_aliasing(self, model):
         """Each cache input must feed only its ScatterND, or writing in place would be unsafe."""

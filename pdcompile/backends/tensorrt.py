@@ -37,6 +37,10 @@ from .program import export_program
 
 logger = logging.getLogger(__name__)
 
+# A TensorRT engine holds compiled GPU kernels, and may embed plugin or lean-runtime
+# libraries that deserializing loads: pdcompile.load() asks for trust_native_code=True.
+NATIVE_CODE = True
+
 _MISSING = (
     "the tensorrt backend needs torch-tensorrt and TensorRT: pip install 'pdcompile[tensorrt]' on a CUDA machine "
     "(Linux or Windows with an NVIDIA GPU; torch-tensorrt must be the build made for this torch version)"
