@@ -567,3 +567,24 @@ def test_interrupted_export_is_cleaned_up(quick_export, tmp_path, pristine):
         quick_export(path)  # the old bundle is back, and export does not overwrite it unasked
     assert not stale.exists() and not moved.exists() and running.exists() and other.exists()
     assert (path / "manifest.json").read_bytes() == (pristine / "manifest.json").read_bytes()
+
+
+# ---------------------------------------------------------------------------- command line
+
+def test_cli_passes_consent_and_key(monkeypatch, tmp_path, capsys):
+    """`pdcompile generate` hands --trust-native-code and --public-key to load(); a
+    BundleError is one line on stderr and exit status 2, not a traceback."""
+    from pdcompile import cli
+
+    seen = {}
+
+    def fake_load(path, **kw):
+        seen.update(kw, path=path)
+        raise BundleError("refused for the test")
+
+    monkeypatch.setattr(pdcompile, "load", fake_load)
+    rc = cli.main(["generate", str(tmp_path), "--trust-native-code", "--public-key", "k.pem"])
+    assert rc == 2 and "refused for the test" in capsys.readouterr().err
+    assert seen == {"path": str(tmp_path), "trust_native_code": True, "public_key": "k.pem"}
+    cli.main(["generate", str(tmp_path)])
+    assert seen["trust_native_code"] is False and seen["public_key"] is None
