@@ -557,6 +557,8 @@ def _checked(path: Path, public_key, trust_native_code: bool):
     _check_digest(path, manifest)
     if public_key is not None:
         _check_signature(path, manifest, public_key)
+    elif os.path.lexists(path / SIGNATURE):
+        logger.info("%s is signed; pass public_key= to load() to verify who signed it", path)
     _check_schema(path, manifest)
     _check_signatures(manifest)
     _check_versions(manifest)

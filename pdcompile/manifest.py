@@ -22,7 +22,7 @@ from typing import Callable
 
 FORMAT = "pdcompile-bundle"
 FORMAT_VERSION = 1
-BACKENDS = ("onnxruntime", "inductor", "tensorrt")
+BACKENDS = ("onnxruntime", "inductor", "tensorrt")  # those with engine files (bundle._ENGINES)
 DTYPES = ("float32", "float16", "bfloat16")
 
 

@@ -431,6 +431,7 @@ def test_unknown_backends_count_as_native():
         pass
 
     assert bundle_mod._native_code(Module()) is True
+    assert set(bundle_mod._ENGINES) == set(pdcompile.manifest.BACKENDS)  # the schema knows every engine
     assert bundle_mod.native_code("onnxruntime") is False
     assert bundle_mod.native_code("inductor") is True and bundle_mod.native_code("tensorrt") is True
 
