@@ -1,4 +1,4 @@
-"""Command line: ``pdcompile run | inspect | export | bench``."""
+"""Command line: ``pdcompile run | inspect | export | generate | verify | bench``."""
 
 from __future__ import annotations
 
@@ -205,9 +205,41 @@ def cmd_export(args) -> int:
         # The in-process backend is irrelevant here: eager skips a compile the bundle redoes.
         fast = optimize(model, backend="eager", max_batch_size=args.max_batch_size, max_seq_len=args.max_seq_len)
     with _progress(console, f"lowering to {args.backend} and writing {args.out}"):
-        path = export(fast, args.out, backend=args.backend, tokenizer=tokenizer, overwrite=args.overwrite)
+        path = export(fast, args.out, backend=args.backend, tokenizer=tokenizer, overwrite=args.overwrite,
+                      sign=args.sign)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"wrote {path} ({size / 1e6:.1f} MB); load it with pdcompile.load({str(path)!r})")
+    print(f"wrote {path} ({size / 1e6:.1f} MB){', signed' if args.sign else ''}; "
+          f"load it with pdcompile.load({str(path)!r})")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Load a bundle (no HF model) and generate from a prompt with its tokenizer."""
+    from transformers import AutoTokenizer
+
+    from . import load
+
+    console = _console()
+    with _progress(console, f"loading bundle {args.bundle}"):
+        # load() checks every hash first, so the tokenizer files read below are the exported ones
+        model = load(args.bundle, trust_native_code=args.trust_native_code, public_key=args.public_key)
+        tokenizer = AutoTokenizer.from_pretrained(args.bundle)
+    inputs = encode_prompt(tokenizer, args.prompt)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    return 0
+
+
+def cmd_verify(args) -> int:
+    """Check a bundle as load() does, without opening (or running) its engines."""
+    from .bundle import check, native_code
+
+    manifest = check(args.bundle, public_key=args.public_key)
+    native = native_code(manifest["backend"])
+    print(f"{args.bundle}: {len(manifest['files'])} files match their sha256; backend {manifest['backend']}; "
+          f"signature {'verified' if args.public_key else 'not checked (no --public-key)'}; "
+          f"native code: {'yes, loading needs --trust-native-code' if native else 'no'}")
     return 0
 
 
@@ -277,8 +309,23 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) | inductor | tensorrt")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=None)
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a pdcompile bundle")
+    p.add_argument("--sign", metavar="KEYFILE", help="sign the bundle with this ed25519 private key (PEM)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("generate", help="load a bundle and generate from a prompt")
+    p.add_argument("bundle", help="bundle folder written by export")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--trust-native-code", action="store_true",
+                   help="allow bundles whose engines are native code (inductor, tensorrt), which runs in this process")
+    p.add_argument("--public-key", metavar="KEYFILE", help="require a signature that verifies with this ed25519 key")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("verify", help="check a bundle's manifest, hashes and signature without loading it")
+    p.add_argument("bundle")
+    p.add_argument("--public-key", metavar="KEYFILE", help="require a signature that verifies with this ed25519 key")
+    p.set_defaults(fn=cmd_verify)
 
     p = sub.add_parser("bench", help="TTFT/TPOT/throughput against HF and the physical floor")
     p.add_argument("--model", default="smollm2", help="smollm2 (default) or a model folder")
@@ -305,7 +352,13 @@ def main(argv=None) -> int:
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return args.fn(args)
+    from .bundle import BundleError
+
+    try:
+        return args.fn(args)
+    except BundleError as e:  # the message says what is wrong with the bundle; a traceback adds nothing
+        print(f"pdcompile {args.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

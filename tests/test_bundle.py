@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
+import hostile
 import models
 import pdcompile
 from conftest import optimized
+from pdcompile.manifest import digest
 
 HERE = os.path.dirname(__file__)
 KW = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -34,7 +36,7 @@ def test_load_in_fresh_process_same_tokens(bundle):
         f"sys.path.insert(0, {HERE!r})\n"
         "import models\n"
         "ids, mask = models.left_padded_batch()\n"
-        f"m = pdcompile.load({str(path)!r})\n"
+        f"m = pdcompile.load({str(path)!r}, trust_native_code=True)\n"
         "assert m.original_model is None\n"
         f"out = m.generate(input_ids=ids, attention_mask=mask, **{KW!r})\n"
         "print(json.dumps(out.tolist()))\n"
@@ -79,10 +81,76 @@ def test_load_never_unpickles(bundle, monkeypatch):
         return real_torch_load(*a, **k)
 
     monkeypatch.setattr(torch, "load", torch_load)
-    m = pdcompile.load(path)
+    m = pdcompile.load(path, trust_native_code=True)
     ids, mask = models.left_padded_batch()
     out = m.generate(input_ids=ids, attention_mask=mask, **KW)
     assert out.shape == (3, ids.shape[1] + 24)
+
+
+# Round trip on every backend that exports, for every parity family. In the default run
+# one family per backend; AOTInductor compiles take about a minute per phase on 2 cores,
+# so the whole matrix is `slow`.
+DEFAULT_ROUND_TRIPS = {("llama", "inductor"), ("gpt2", "onnxruntime")}
+
+
+def _round_trips():
+    for backend in ("onnxruntime", "inductor"):
+        for family in models.FAMILIES:
+            marks = () if (family, backend) in DEFAULT_ROUND_TRIPS else (pytest.mark.slow,)
+            yield pytest.param(family, backend, marks=marks, id=f"{family}-{backend}")
+
+
+@pytest.mark.parametrize("family,backend", list(_round_trips()))
+def test_round_trip_every_family(family, backend, tmp_path):
+    """optimize() on ``backend`` in process, export on the same backend, load: HF's tokens.
+
+    The in-process compile comes first on purpose: inductor's compile_fx once rewrote the
+    kept graphs to return ``[logits]``, and the AOTInductor package exported from them
+    then returned a list that generate() could not use."""
+    model, fast = optimized(family, backend)
+    for phase, gm in fast.graphs.items():
+        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+        assert isinstance(out, torch.fx.Node), f"the kept {phase} graph returns {type(out).__name__}, not the logits"
+    path = pdcompile.export(fast, tmp_path / f"{family}.pdc", backend=backend)
+    loaded = pdcompile.load(path, trust_native_code=True)
+    ids, mask = models.left_padded_batch()
+    ref = model.generate(input_ids=ids, attention_mask=mask, **KW)
+    out = loaded.generate(input_ids=ids, attention_mask=mask, **KW)
+    assert torch.equal(out, ref)
+
+
+def test_native_code_needs_consent(bundle, tmp_path, monkeypatch):
+    """ONNX bundles are data: they load without consent. An inductor bundle holds compiled
+    libraries: refused without trust_native_code=True, before any package is opened. A
+    real package whose library is swapped for one that writes a file when loaded (the
+    manifest rewritten with fresh hashes, as anyone who can write the folder could):
+    without consent nothing runs; with consent it does, so the check is what stops it."""
+    import torch._inductor
+
+    backend, model, path = bundle
+    if backend == "onnxruntime":
+        assert pdcompile.load(path).original_model is None
+        return
+    calls = []
+    real = torch._inductor.aoti_load_package
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with pytest.raises(pdcompile.BundleError, match=r"holds native code: its inductor engines \(decode.pt2, prefill.pt2\)"):
+        pdcompile.load(path)
+    assert calls == []
+
+    dst = _copy(path, tmp_path)
+    hostile.swap_library(dst / "decode.pt2", hostile.library(tmp_path))
+    manifest = json.loads((dst / "manifest.json").read_text())
+    hostile.rehash(dst, manifest, "decode.pt2")
+    hostile.reseal(dst, manifest)
+    sentinel = tmp_path / "sentinel"
+    monkeypatch.setenv(hostile.SENTINEL_ENV, str(sentinel))
+    with pytest.raises(pdcompile.BundleError, match="holds native code"):
+        pdcompile.load(dst)
+    assert calls == [] and not sentinel.exists()
+    with pytest.raises(pdcompile.BundleError, match="the decode engine decode.pt2 does not load with inductor"):
+        pdcompile.load(dst, trust_native_code=True)
+    assert sentinel.read_text() == "native code from the bundle ran\n"
 
 
 def _copy(path, tmp_path):
@@ -101,7 +169,7 @@ def test_corrupted_engine_file(bundle, tmp_path):
     data[len(data) // 2] ^= 0xFF
     engine.write_bytes(bytes(data))
     with pytest.raises(pdcompile.BundleError, match=rf"{engine.name} does not match its sha256"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
 
 
 def test_truncated_and_missing_files(bundle, tmp_path):
@@ -110,10 +178,10 @@ def test_truncated_and_missing_files(bundle, tmp_path):
     engine = next(f for f in dst.iterdir() if f.name.startswith("prefill."))
     engine.write_bytes(engine.read_bytes()[:100])
     with pytest.raises(pdcompile.BundleError, match="bytes, the manifest says"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
     engine.unlink()
     with pytest.raises(pdcompile.BundleError, match=f"{engine.name} is missing"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
 
 
 def test_bad_manifest(bundle, tmp_path):
@@ -123,13 +191,13 @@ def test_bad_manifest(bundle, tmp_path):
     manifest = json.loads(mf.read_text())
     mf.write_text(mf.read_text()[:-20])
     with pytest.raises(pdcompile.BundleError, match="not valid JSON"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
     mf.write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(pdcompile.BundleError, match="format version 99 is newer"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
     mf.unlink()
     with pytest.raises(pdcompile.BundleError, match="manifest.json is missing"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
 
 
 def test_incompatible_torch_version(bundle, tmp_path):
@@ -140,9 +208,11 @@ def test_incompatible_torch_version(bundle, tmp_path):
     mf = dst / "manifest.json"
     manifest = json.loads(mf.read_text())
     manifest["versions"]["torch"] = "2.9.0+cpu"
+    # written as export would (with its digest): the version check itself is under test
     mf.write_text(json.dumps(manifest))
+    (dst / "manifest.sha256").write_text(json.dumps(digest(manifest)))
     with pytest.raises(pdcompile.BundleError, match="compiled with torch 2.9.0"):
-        pdcompile.load(dst)
+        pdcompile.load(dst, trust_native_code=True)
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path):

@@ -1,6 +1,7 @@
 """The command line on a model folder: inspect and export."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -34,7 +35,32 @@ def test_inspect_shows_passes_and_dumps(model_dir, tmp_path):
 
 
 def test_export_writes_a_loadable_bundle(model_dir, tmp_path):
-    out = _cli("export", str(model_dir), str(tmp_path / "b.pdc"), "--backend", "onnxruntime", "--max-seq-len", "128")
-    assert "wrote" in out
+    """export --sign, verify --public-key, generate from the bundle; a modified bundle fails
+    verify with the field named and exit status 2."""
+    pytest.importorskip("cryptography", reason="export --sign needs the cryptography package (pdcompile[sign])")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                         serialization.NoEncryption()))
+    (tmp_path / "key.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                      serialization.PublicFormat.OpenSSH))
+    bundle, pub = str(tmp_path / "b.pdc"), str(tmp_path / "key.pub")
+    out = _cli("export", str(model_dir), bundle, "--backend", "onnxruntime", "--max-seq-len", "128",
+               "--sign", str(tmp_path / "key.pem"))
+    assert "wrote" in out and "signed" in out
     manifest = json.loads((tmp_path / "b.pdc" / "manifest.json").read_text())
     assert manifest["limits"]["max_seq_len"] == 128 and "tokenizer.json" in manifest["files"]
+    out = _cli("verify", bundle, "--public-key", pub)
+    assert "match their sha256" in out and "signature verified" in out and "native code: no" in out
+    out = _cli("generate", bundle, "--prompt", "w5 w6 w7", "--max-new-tokens", "4", "--public-key", pub)
+    words = out.strip().splitlines()[-1].split()  # the text is the last line, after the progress log
+    assert 1 <= len(words) <= 4 and all(re.fullmatch(r"w[0-9]+", w) for w in words)
+
+    manifest["limits"]["max_seq_len"] = 4096
+    (tmp_path / "b.pdc" / "manifest.json").write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, "-m", "pdcompile", "verify", bundle], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and "manifest field limits.max_seq_len was changed" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -70,7 +70,7 @@ def test_smollm2_bundle_loads_in_fresh_process(smollm2, backend, tmp_path):
     script = (
         "import json, pdcompile\n"
         "from transformers import AutoTokenizer\n"
-        f"m = pdcompile.load({str(path)!r})\n"
+        f"m = pdcompile.load({str(path)!r}, trust_native_code=True)\n"
         f"tok = AutoTokenizer.from_pretrained({str(path)!r}, padding_side='left')\n"
         f"texts = [tok.apply_chat_template([{{'role': 'user', 'content': p}}], add_generation_prompt=True, tokenize=False) for p in {PROMPTS!r}]\n"
         "inputs = tok(texts, return_tensors='pt', padding=True)\n"

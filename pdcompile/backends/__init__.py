@@ -33,8 +33,9 @@ class Backend:
     name: ClassVar[str]
     options_class: ClassVar[type] = NoOptions
     # Its bundle files hold machine code that loading runs (AOTInductor .so, TensorRT
-    # engines): pdcompile.load() asks for trust_native_code=True (see bundle.py).
-    native_code: ClassVar[bool] = False
+    # engines): pdcompile.load() asks for trust_native_code=True (see bundle.py). A backend
+    # that does not say is treated as native: consent is the safe default.
+    native_code: ClassVar[bool] = True
     exportable: ClassVar[bool] = True
 
     def __init__(self, options=None):

@@ -15,6 +15,7 @@ from . import Backend
 class EagerBackend(Backend):
     name = "eager"
     exportable = False
+    native_code = False
 
     def lower(self, gm: torch.fx.GraphModule, ctx) -> torch.fx.GraphModule:
         return gm

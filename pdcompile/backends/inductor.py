@@ -23,6 +23,7 @@ from .program import copy_graph_module, export_program
 logger = logging.getLogger(__name__)
 
 
+
 class InductorBackend(Backend):
     name = "inductor"
     native_code = True  # an AOTInductor package is a shared library
@@ -30,6 +31,10 @@ class InductorBackend(Backend):
     def lower(self, gm: torch.fx.GraphModule, ctx) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
+        # compile_fx rewrites a graph that returns one tensor to return a list, in place; the
+        # model keeps ``gm`` for export(), where a list output would become the AOTInductor
+        # package's output too. It compiles a copy (parameters are shared, not copied).
+        gm = copy_graph_module(gm)
         fake_inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
         decomps = dict(torch._inductor.decomposition.select_decomp_table())
         decomps.update(DECOMPOSITIONS)
@@ -45,7 +50,7 @@ class InductorBackend(Backend):
         return {"files": [name]}
 
     def load(self, folder: Path, entry: dict, ctx) -> Callable:
-        return torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0]))
+        return PackagePhase(torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0])))
 
 
 def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -57,3 +62,19 @@ def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             node.target = attention_reference  # traced into aten SDPA by the export
     gm.recompile()
     return gm
+
+
+class PackagePhase:
+    """Callable running one AOTInductor package: ``(ids, idx, *caches) -> logits``.
+
+    A package returns its graph's output structure: ``[logits]`` for packages exported
+    from a graph that had been compiled in process before this was fixed (see
+    ``compile_phase``); the runtime wants the tensor.
+    """
+
+    def __init__(self, package):
+        self.package = package
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        out = self.package(*inputs)
+        return out[0] if isinstance(out, (list, tuple)) else out

@@ -32,7 +32,10 @@ from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
 
+
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
+_ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+               "tensor(int64)": "int64", "tensor(int32)": "int32"}
 
 
 def _require_ort():
@@ -175,6 +178,16 @@ class OrtPhase:
         dev = self.device
         self._ort_device = ("cuda", dev.index or 0) if dev.type == "cuda" else ("cpu", 0)
 
+    def declared_io(self) -> tuple[list[dict], list[dict]]:
+        """Inputs and outputs as the ONNX model itself declares them, in a bundle's phase
+        signature form: ``{"name", "dtype", "shape"}``, a dimension's name where it is dynamic."""
+
+        def sig(args):
+            return [{"name": a.name, "dtype": _ORT_DTYPES.get(a.type, a.type),
+                     "shape": [d if isinstance(d, int) else str(d) for d in a.shape]} for a in args]
+
+        return sig(self.session.get_inputs()), sig(self.session.get_outputs())
+
     def _check_aliasing(self, model):
         """Each cache input must feed only its ScatterND, or writing in place would be unsafe."""
         consumers: dict[str, list[str]] = {}
@@ -237,6 +250,7 @@ class OrtPhase:
 class OrtBackend(Backend):
     name = "onnxruntime"
     options_class = OrtOptions
+    native_code = False  # ONNX files are data: operators come from the installed onnxruntime
 
     def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> OrtPhase:
         return OrtPhase(onnx_model(gm, ctx), ctx.signature, ctx.device, self.options.threads)

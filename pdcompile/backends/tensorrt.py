@@ -39,6 +39,7 @@ from .program import export_program
 
 logger = logging.getLogger(__name__)
 
+
 _MISSING = (
     "the tensorrt backend needs torch-tensorrt and TensorRT: pip install 'pdcompile[tensorrt]' on a CUDA machine "
     "(Linux or Windows with an NVIDIA GPU; torch-tensorrt must be the build made for this torch version)"
