@@ -72,6 +72,12 @@ class _CostInterpreter(torch.fx.Interpreter):
         elif target is torch.ops.pdcompile.attention.default:
             self.flops += _attention_flops(args[0], args[1], causal=args[3] is None)
             self.kv_read_bytes += _nbytes(args[1]) + _nbytes(args[2])
+        elif target is torch.ops.pdcompile.paged_attention.default:  # (q, k_pool, v_pool, block_table, ...)
+            q, k_pool, v_pool, table = args[:4]
+            rows = table.numel() * k_pool.shape[1]  # keys read: every table entry's block
+            keys = q.new_empty(q.shape[0], k_pool.shape[2], rows // q.shape[0], k_pool.shape[3])
+            self.flops += _attention_flops(q, keys, causal=False)
+            self.kv_read_bytes += rows * k_pool[0, 0].numel() * k_pool.element_size() * 2
         if target not in _VIEWS and isinstance(out, torch.Tensor):
             self.act_bytes += _nbytes(out)
         return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention", "attention_reference", "DECOMPOSITIONS"]
+__all__ = ["attention", "attention_reference", "paged_attention", "paged_attention_reference", "DECOMPOSITIONS"]
 
 
 def _visible(q_pos: torch.Tensor, sq: int, sk: int, window: int) -> torch.Tensor:
@@ -74,8 +74,58 @@ def _(q, k, v, q_pos, scale, window=0):
     return q.new_empty(q.shape[:-1] + (v.shape[-1],))
 
 
+def gather_blocks(pool: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """``pool[N, block_size, H, D]`` read through ``block_table[B, M]`` -> ``[B, H, M * block_size, D]``:
+    each row's keys (or values) in position order, as contiguous-cache attention reads them."""
+    b, m = block_table.shape
+    gathered = pool[block_table]  # [B, M, block_size, H, D]
+    return gathered.reshape(b, m * pool.shape[1], pool.shape[2], pool.shape[3]).transpose(1, 2)
+
+
+def paged_attention_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """``pdcompile::paged_attention`` in aten ops: gather the row's blocks, then :func:`attention_reference`."""
+    return attention_reference(q, gather_blocks(k_pool, block_table), gather_blocks(v_pool, block_table),
+                               q_pos, scale, window)
+
+
+@torch.library.custom_op("pdcompile::paged_attention", mutates_args=())
+def paged_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_table: torch.Tensor,
+    q_pos: torch.Tensor | None,
+    scale: float,
+    window: int = 0,
+) -> torch.Tensor:
+    """``pdcompile::attention`` whose keys and values live in a paged KV pool.
+
+    ``k_pool``/``v_pool``: ``[num_blocks, block_size, Hkv, D]``; row b's position p lives in
+    block ``block_table[b, p // block_size]`` at offset ``p % block_size``. Positions are
+    as for :func:`attention` (``q_pos`` [B], decode and extend). Keys past a row's length
+    (unused table entries point at scratch block 0) are hidden by the positions, never read
+    as data. A backend with a native paged kernel reads the blocks in place; the reference
+    gathers them.
+    """
+    return paged_attention_reference(q, k_pool, v_pool, block_table, q_pos, scale, window)
+
+
+@paged_attention.register_fake
+def _(q, k_pool, v_pool, block_table, q_pos, scale, window=0):
+    return q.new_empty(q.shape[:-1] + (v_pool.shape[-1],))
+
+
 # Decomposition table handed to inductor / run_decompositions / the ONNX exporter.
-DECOMPOSITIONS = {torch.ops.pdcompile.attention.default: attention_reference}
+DECOMPOSITIONS = {torch.ops.pdcompile.attention.default: attention_reference,
+                  torch.ops.pdcompile.paged_attention.default: paged_attention_reference}
 
 
 def attention_grouped(
@@ -107,3 +157,9 @@ def attention_grouped(
     scores = scores.masked_fill(~keep.view(keep.shape[0], 1, 1, sq, sk), float("-inf"))
     out = torch.matmul(torch.softmax(scores, dim=-1), v.unsqueeze(2))  # [B, Hkv, rep, Sq, Dv]
     return out.reshape(b, hq, sq, v.shape[-1])
+
+
+def paged_attention_grouped(q, k_pool, v_pool, block_table, q_pos, scale, window=0):
+    """:func:`paged_attention` for exporters without a GQA attention (see :func:`attention_grouped`)."""
+    return attention_grouped(q, gather_blocks(k_pool, block_table), gather_blocks(v_pool, block_table),
+                             q_pos, scale, window)

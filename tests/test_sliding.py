@@ -100,8 +100,8 @@ def test_prefix_cache_hit_beyond_window(family, backend):
 def test_windows_reach_the_attention_op():
     """Each sliding layer's attention carries the window; full layers none (qwen2: top two slide)."""
     _, fast = _optimized("qwen2-hybrid", "eager")
-    attention = torch.ops.pdcompile.attention.default
+    window_arg = {torch.ops.pdcompile.attention.default: 5, torch.ops.pdcompile.paged_attention.default: 6}
     for phase in ("prefill", "decode"):
         gm = fast.graphs[phase].gm
-        windows = [n.args[5] for n in gm.graph.nodes if n.target is attention]
+        windows = [n.args[window_arg[n.target]] for n in gm.graph.nodes if n.target in window_arg]
         assert windows == [0, 0, WINDOW, WINDOW], (phase, windows)

@@ -54,12 +54,11 @@ class InductorBackend(Backend):
 
 
 def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    from ..ops import attention_reference
-
+    """A copy of ``gm`` whose ``pdcompile::`` ops are their aten references (traced by the export)."""
     gm = copy_graph_module(gm)
     for node in gm.graph.nodes:
-        if node.target is torch.ops.pdcompile.attention.default:
-            node.target = attention_reference  # traced into aten SDPA by the export
+        if node.target in DECOMPOSITIONS:
+            node.target = DECOMPOSITIONS[node.target]
     gm.recompile()
     return gm
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ops import attention_grouped
+from ..ops import attention_grouped, paged_attention_grouped
 from ..phase import PassContext, PhaseSignature
 from . import Backend
 from .program import copy_graph_module, export_program
@@ -62,9 +62,11 @@ def onnx_model(gm: torch.fx.GraphModule, ctx: PassContext):
     gm = copy_graph_module(gm)
     # Lower the canonical attention by tracing its ONNX-friendly decomposition during the
     # re-export (cheaper than a separate run_decompositions pass over the whole program).
+    grouped = {torch.ops.pdcompile.attention.default: attention_grouped,
+               torch.ops.pdcompile.paged_attention.default: paged_attention_grouped}
     for node in gm.graph.nodes:
-        if node.target is torch.ops.pdcompile.attention.default:
-            node.target = attention_grouped
+        if node.target in grouped:
+            node.target = grouped[node.target]
     gm.recompile()
     ep = export_program(gm, ctx, functional=True)
     n_caches = len(ep.graph_signature.user_outputs) - 1

@@ -10,15 +10,16 @@ After::
 
     pool_0: [num_blocks, block_size, Hkv, D]                  # shared by every sequence
     block_table: [B, M]   slot_mapping: [B] (decode) | [B, S] (prefill, extend)
-    index_put_(pool_0, [slot // block_size, slot % block_size], k_new)     # scatter into slots
-    k_all = pool_0[block_table].reshape(B, M * block_size, Hkv, D).transpose(1, 2)
-    out = pdcompile.attention(q, k_all, v_all, pos, ...)
+    k_pool = index_put_(pool_0, [slot // block_size, slot % block_size], k_new)     # scatter into slots
+    out = pdcompile.paged_attention(q, k_pool, v_pool, block_table, pos, ...)  # reads through the table
 
 A sequence owns a list of blocks (its row of ``block_table``); its position p lives in
 slot ``block_table[b, p // block_size] * block_size + p % block_size`` and the runtime
 hands the graph those slots directly (``slot_mapping``), so writes never need the
-table. Reads gather the row's blocks back into position order; keys past the row's
-length are masked by the attention as before. What this buys: sequences of different
+table. Reads go through ``pdcompile::paged_attention``, which takes the pools and the
+table (its reference gathers the row's blocks back into position order; keys past the
+row's length are hidden by the positions as before). A cache read by anything other
+than the canonical attention is gathered into a ``[B, H, M * block_size, D]`` view instead. What this buys: sequences of different
 lengths share one pool without padding, blocks can be shared between sequences that
 start with the same tokens (prefix caching), and the pool outlives a call.
 
@@ -36,7 +37,9 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic
 
 from ..phase import PassContext, Role
 from .manager import GraphPass, PassResult
-from .utils import aten, val
+from .utils import ATTENTION, aten, val
+
+PAGED_ATTENTION = torch.ops.pdcompile.paged_attention.default
 
 NAME = "paged_kv"
 
@@ -107,6 +110,7 @@ def paged_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         smap_shape = (batch,) if kind == "token" else (batch, val(ids).shape[1])
         slot_mapping.meta["val"] = torch.empty(smap_shape, dtype=torch.long, device=val(ids).device)
 
+    pool_of = {}  # gathered full-cache view -> the pool it reads (after this step's write)
     for (cache, write), pool_spec in zip(plans.items(), new_sig.of(Role.POOL)):
         cv = val(cache)
         heads, dim = int(cv.shape[1]), int(cv.shape[3])
@@ -132,10 +136,34 @@ def paged_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 flat = graph.call_function(aten.reshape.default, (gathered, [b_sym, -1, heads, dim]))
                 full = graph.call_function(aten.transpose.int, (flat, 1, 2))
                 write.replace_all_uses_with(full)
+                pool_of[full] = new_write
         graph.erase_node(write)
         graph.erase_node(cache)
-    return PassResult(gm, len(plans), f"{len(plans)} caches -> pools of {block_size}-token blocks ({kind} writes)",
-                      signature=new_sig)
+    paged = _to_paged_attention(graph, pool_of, block_table)
+    detail = f"{len(plans)} caches -> pools of {block_size}-token blocks ({kind} writes)"
+    if paged:
+        detail += f"; {paged} attention(s) read the pools through the block table"
+    return PassResult(gm, len(plans), detail, signature=new_sig)
+
+
+def _to_paged_attention(graph: torch.fx.Graph, pool_of: dict, block_table: torch.fx.Node) -> int:
+    """``attention(q, gather(k_pool), gather(v_pool), ...)`` -> ``paged_attention(q, k_pool, v_pool, block_table, ...)``.
+
+    The gathers then die (the manager's DCE): the canonical op says where keys live and each
+    backend reads them its own way. Attention over anything else is left as it is.
+    """
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not ATTENTION or node.args[1] not in pool_of or node.args[2] not in pool_of:
+            continue
+        q, k, v, q_pos, scale, window = (list(node.args) + [0])[:6]
+        with graph.inserting_before(node):
+            new = graph.call_function(PAGED_ATTENTION, (q, pool_of[k], pool_of[v], block_table, q_pos, scale, window))
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        done += 1
+    return done
 
 
 PASS = GraphPass(NAME, paged_kv, __doc__)
