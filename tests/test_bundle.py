@@ -108,8 +108,8 @@ def test_round_trip_every_family(family, backend, tmp_path):
     kept graphs to return ``[logits]``, and the AOTInductor package exported from them
     then returned a list that generate() could not use."""
     model, fast = optimized(family, backend)
-    for phase, gm in fast.graphs.items():
-        out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    for phase, graph in fast.graphs.items():
+        out = next(n for n in graph.gm.graph.nodes if n.op == "output").args[0]
         assert isinstance(out, torch.fx.Node), f"the kept {phase} graph returns {type(out).__name__}, not the logits"
     path = pdcompile.export(fast, tmp_path / f"{family}.pdc", backend=backend)
     loaded = pdcompile.load(path, trust_native_code=True)

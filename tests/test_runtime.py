@@ -128,3 +128,12 @@ def test_backend_options_are_typed():
     ids = torch.randint(3, models.VOCAB, (1, 9))
     assert torch.equal(fast.generate(input_ids=ids, max_new_tokens=8, **KW),
                        model.generate(input_ids=ids, max_new_tokens=8, **KW))
+
+
+def test_onnxruntime_writes_the_pool_in_place():
+    """Each KV pool input feeds only its ScatterND (identity transposes removed), so the
+    updated pool is bound to the input's own buffer: no copy of the cache per step."""
+    _, fast = optimized("llama", "onnxruntime")
+    for name in ("prefill", "decode"):
+        phase = fast.runner.executor.phases[name][0]
+        assert phase.alias and all(phase.alias.values()), (name, phase.alias)

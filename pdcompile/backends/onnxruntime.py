@@ -73,11 +73,8 @@ def onnx_model(gm: torch.fx.GraphModule, ctx: PassContext):
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
     prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
     _optimize_for_ort(prog.model)
-    proto = prog.model_proto
-    # The exporter puts identity transposes in front of ScatterND; without them each cache
-    # input visibly feeds only its in-place write (see OrtPhase._check_aliasing).
-    _drop_identity_transposes(proto.graph)
-    return proto
+    _drop_identity_transposes(prog.model)
+    return prog.model_proto
 
 
 def _optimize_for_ort(model) -> None:
@@ -97,27 +94,16 @@ def _optimize_for_ort(model) -> None:
     optimize_for_ort(model)  # runs the optimizer itself first (with shape inference)
 
 
-def _drop_identity_transposes(graph) -> None:
-    rename = {}
-    keep = []
-    for node in graph.node:
-        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
-        if node.op_type == "Transpose" and perm == list(range(len(perm))):
-            rename[node.output[0]] = rename.get(node.input[0], node.input[0])
-        else:
-            keep.append(node)
-    if not rename:
-        return
-    outputs = {o.name for o in graph.output}
-    for node in keep:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-    for name in rename:
-        if name in outputs:  # a graph output cannot be renamed away: keep an Identity
-            keep.append(__import__("onnx").helper.make_node("Identity", [rename[name]], [name]))
-    del graph.node[:]
-    graph.node.extend(keep)
+def _drop_identity_transposes(model) -> None:
+    """The exporter puts identity transposes in front of ScatterND; without them each cache
+    input visibly feeds only its in-place write (see OrtPhase._check_aliasing). onnxscript's
+    rule turns them into Identity nodes, which onnx_ir's pass then removes."""
+    from onnx_ir.passes.common import IdentityEliminationPass
+    from onnxscript import rewriter
+    from onnxscript.rewriter.rules.common import no_op_transpose_rule
+
+    rewriter.rewrite(model, pattern_rewrite_rules=[no_op_transpose_rule])
+    IdentityEliminationPass()(model)
 
 
 def export_onnx(gm: torch.fx.GraphModule, ctx: PassContext, path: Path) -> None:

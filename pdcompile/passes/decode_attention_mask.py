@@ -33,7 +33,7 @@ import torch
 from ..phase import PassContext, Role
 from .fuse_causal_mask import _seq_upper_bound
 from .manager import GraphPass, PassResult
-from .utils import SDPA, mask_window, replace_with_attention, sdpa_args, val
+from .utils import SDPA, fuse_if_contract, sdpa_args, val
 
 NAME = "decode_attention_mask"
 
@@ -94,20 +94,12 @@ def decode_attention_mask(gm: torch.fx.GraphModule, ctx: PassContext) -> PassRes
         if mask is None or a["dropout_p"] or (single and int(val(a["query"]).shape[2]) != 1):
             declined.append(f"{sdpa.name}: not queries against a masked cache")
             continue
-        if mask not in verdicts:
-            allowed = {pos.name} | ({names[Role.LAST_IDX]} if Role.LAST_IDX in names else set())
-            verdict = mask_window(
-                gm, mask, allowed, lambda n: _samples(n, names, queries, capacity_max), _check, _infer_window,
-                f"the cached attention mask feeding {sdpa.name} does not match 'keys 0..{pos.name}[b] + i'",
-            )
-            if isinstance(verdict, str):
-                declined.append(f"{sdpa.name}: {verdict}")
-                verdict = -1
-            verdicts[mask] = verdict
-        if verdicts[mask] < 0:
-            continue
-        replace_with_attention(gm, sdpa, pos, verdicts[mask])
-        done += 1
+        allowed = {pos.name} | ({names[Role.LAST_IDX]} if Role.LAST_IDX in names else set())
+        done += fuse_if_contract(
+            gm, sdpa, pos, verdicts, declined, allowed=allowed, samples=lambda n: _samples(n, names, queries, capacity_max),
+            check=_check, infer_window=_infer_window,
+            what=f"the cached attention mask feeding {sdpa.name} does not match 'keys 0..{pos.name}[b] + i'",
+        )
     detail = f"{done} SDPA mask(s) -> per-row positions"
     if declined:
         detail += f"; declined {len(declined)}: {declined[0]}"

@@ -35,7 +35,7 @@ import torch
 
 from ..phase import PassContext, Role
 from .manager import GraphPass, PassResult
-from .utils import SDPA, MaskContractError, first_visible_mismatch, mask_window, replace_with_attention, sdpa_args, val
+from .utils import SDPA, MaskContractError, first_visible_mismatch, fuse_if_contract, replace_with_attention, sdpa_args, val
 
 NAME = "fuse_causal_mask"
 __all__ = ["MaskContractError", "PASS"]
@@ -115,21 +115,13 @@ def fuse_causal_mask(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
             else:
                 declined.append(f"{sdpa.name}: no mask and not causal")
             continue
-        if mask not in verdicts:
-            verdict = mask_window(
-                gm, mask, {last_idx.name}, lambda nodes: _samples(nodes, ids, last_idx, max_seq), _check_causal,
-                _infer_window,
-                f"the attention mask feeding {sdpa.name} is not causal for real tokens; pdcompile cannot run this "
-                "model's prefill correctly",
-            )
-            if isinstance(verdict, str):
-                declined.append(f"{sdpa.name}: {verdict}")
-                verdict = -1
-            verdicts[mask] = verdict
-        if verdicts[mask] < 0:
-            continue
-        replace_with_attention(gm, sdpa, None, verdicts[mask])
-        fused += 1
+        fused += fuse_if_contract(
+            gm, sdpa, None, verdicts, declined, allowed={last_idx.name},
+            samples=lambda nodes: _samples(nodes, ids, last_idx, max_seq), check=_check_causal,
+            infer_window=_infer_window,
+            what=f"the attention mask feeding {sdpa.name} is not causal for real tokens; pdcompile cannot run this "
+                 "model's prefill correctly",
+        )
 
     windows = sorted({w for w in verdicts.values() if w > 0})
     parts = []

@@ -147,6 +147,26 @@ def first_visible_mismatch(
     return None
 
 
+def fuse_if_contract(gm: torch.fx.GraphModule, sdpa: torch.fx.Node, q_pos: torch.fx.Node | None, verdicts: dict,
+                     declined: list, **verify) -> bool:
+    """Replace ``sdpa`` by the canonical attention if its mask is the phase contract.
+
+    ``verdicts`` caches each mask sub-graph's window (-1: not a candidate; masks are shared
+    by layers), ``declined`` collects why a mask was not; ``verify`` goes to :func:`mask_window`.
+    """
+    mask = sdpa_args(sdpa)["attn_mask"]
+    if mask not in verdicts:
+        verdict = mask_window(gm, mask, **verify)
+        if isinstance(verdict, str):
+            declined.append(f"{sdpa.name}: {verdict}")
+            verdict = -1
+        verdicts[mask] = verdict
+    if verdicts[mask] < 0:
+        return False
+    replace_with_attention(gm, sdpa, q_pos, verdicts[mask])
+    return True
+
+
 def mask_window(gm: torch.fx.GraphModule, mask: torch.fx.Node, allowed: set[str], samples, check, infer_window,
                 what: str) -> int | str:
     """Decide whether the mask sub-graph ``mask`` is the phase's position contract.
