@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from .ops import DECOMPOSITIONS
-
 
 def pdcompile_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | None = None):
     options = dict(options or {})
@@ -28,9 +26,6 @@ def pdcompile_backend(gm: torch.fx.GraphModule, example_inputs, options: dict | 
         return gm.forward
     if backend != "inductor":
         raise ValueError(f"torch.compile(backend='pdcompile') supports options backend='inductor' or 'eager', got {backend!r}")
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
+    from .backends.inductor import compile_graph
 
-    decomps = dict(select_decomp_table())
-    decomps.update(DECOMPOSITIONS)
-    return compile_fx(gm, example_inputs, decompositions=decomps)
+    return compile_graph(gm, example_inputs)

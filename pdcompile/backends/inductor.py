@@ -29,17 +29,12 @@ class InductorBackend(Backend):
     native_code = True  # an AOTInductor package is a shared library
 
     def lower(self, gm: torch.fx.GraphModule, ctx) -> Callable:
-        from torch._inductor.compile_fx import compile_fx
-
         # compile_fx rewrites a graph that returns one tensor to return a list, in place; the
         # model keeps ``gm`` for export(), where a list output would become the AOTInductor
         # package's output too. It compiles a copy (parameters are shared, not copied).
         gm = copy_graph_module(gm)
-        fake_inputs = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-        decomps = dict(torch._inductor.decomposition.select_decomp_table())
-        decomps.update(DECOMPOSITIONS)
         with torch.no_grad():  # an inference graph: no autograd partitioning
-            return compile_fx(gm, fake_inputs, decompositions=decomps)
+            return compile_graph(gm, [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"])
 
     def save(self, gm: torch.fx.GraphModule, ctx, folder: Path) -> dict:
         """AOTInductor package ``<phase>.pt2`` in ``folder``."""
@@ -51,6 +46,14 @@ class InductorBackend(Backend):
 
     def load(self, folder: Path, entry: dict, ctx) -> Callable:
         return PackagePhase(torch._inductor.aoti_load_package(str(Path(folder) / entry["files"][0])))
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs) -> Callable:
+    """Inductor on ``gm`` with the ``pdcompile::`` ops decomposed (also Dynamo's backend)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    return compile_fx(gm, example_inputs, decompositions={**select_decomp_table(), **DECOMPOSITIONS})
 
 
 def _with_reference_attention(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
