@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -110,6 +111,78 @@ def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: di
     return found
 
 
+def model_inputs(runner, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ``input_ids`` / ``attention_mask`` and return them as the graphs take them.
+
+    The ids become int64 here, once: HF accepts int32 ids (embedding takes both) and returns
+    int64 sequences, while the exported graphs (onnxruntime) take int64 only.
+    """
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids is an empty batch, shape {tuple(input_ids.shape)}: pass at least one prompt")
+    runner.check_ids(input_ids)
+    input_ids = input_ids.to(torch.long)
+    return input_ids, check_attention_mask(attention_mask, input_ids)
+
+
+def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
+    """The mask as int64 ones and zeros, the shape and device of ``input_ids``; ones when None.
+
+    HF takes any 2-D mask and reads it both as a boolean (attention) and as counts (its
+    position ids are the mask's cumulative sum): a mask of 2s or 0.5s, or an additive
+    0/-inf mask, silently gives wrong positions there. Only 0 and 1 are meaningful, so
+    anything else is refused.
+    """
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must hold 0 and 1 (integer, bool or float), got {attention_mask.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask.device != input_ids.device:
+        raise ValueError(
+            f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}; "
+            "move it with .to(model.device)"
+        )
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bool(bad.any()):
+        value = attention_mask[bad][0].item()
+        raise ValueError(
+            f"attention_mask must hold only 0 (padding) and 1 (token), found {value}; "
+            "pass the tokenizer's mask, not an additive or weighted one"
+        )
+    return attention_mask.to(torch.long)
+
+
+def as_list(value, cls, name: str):
+    """A user's logits processors / stopping criteria as ``cls``.
+
+    HF takes any list or tuple here (it merges them into its own list class), so a plain
+    ``[MyCriteria()]`` must work too.
+    """
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of callables, got {type(value).__name__}")
+    for item in value:
+        if not callable(item):
+            raise TypeError(f"{name} must be a list of callables, got an item of type {type(item).__name__}")
+    return cls(value)
+
+
+def _merge(default: LogitsProcessorList, user: LogitsProcessorList) -> LogitsProcessorList:
+    """HF's rule: a user processor of the same type as a built-in one takes its place; the rest follow."""
+    out = LogitsProcessorList()
+    for proc in default:
+        same = next((u for u in user if type(u) is type(proc)), None)
+        out.append(same if same is not None else proc)
+    out.extend(u for u in user if not any(u is o for o in out))
+    return out
+
+
 def _tensor_or_none(value, device) -> torch.Tensor | None:
     if value is None:
         return None
@@ -149,7 +222,7 @@ def build_logits_processor(
     if config.begin_suppress_tokens is not None:
         procs.append(lp.SuppressTokensAtBeginLogitsProcessor(config.begin_suppress_tokens, prompt_len, device=device))
     if user:
-        procs.extend(user)
+        procs = _merge(procs, user)
     if config.do_sample:
         keep = 1
         if config.temperature is not None and config.temperature != 1.0:
@@ -222,17 +295,23 @@ def run_generate(
     timings: GenerationTimings | None = None,
 ):
     """Greedy or sampled generation over the runner's prefill and decode graphs."""
+    logits_processor = as_list(logits_processor, LogitsProcessorList, "logits_processor")
+    stopping_criteria = as_list(stopping_criteria, StoppingCriteriaList, "stopping_criteria")
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    max_new = config.max_length - prompt_len
-    if max_new < 1:
-        logger.warning(
-            "input length %d >= max_length %d: generating one token. Set max_new_tokens instead.",
-            prompt_len, config.max_length,
+    if prompt_len >= config.max_length:  # HF's check and message (_validate_generated_length)
+        raise ValueError(
+            f"Input length of input_ids is {prompt_len}, but `max_length` is set to {config.max_length}. "
+            "This can lead to unexpected behavior. You should consider increasing `max_length` or, better yet, "
+            "setting `max_new_tokens`."
         )
-        max_new = 1
+    # HF stops once the length reaches max_length, which may be a float (max_new_tokens=4.0, 4.5):
+    # the number of new tokens is the ceiling of the difference.
+    max_new = math.ceil(config.max_length - prompt_len)
 
     eos = _tensor_or_none(config.eos_token_id, device)
+    if eos is not None and eos.numel() == 0:
+        raise ValueError("eos_token_id is an empty list; pass None for no end-of-sequence token")
     pad = config.pad_token_id
     if pad is None and eos is not None:
         if batch > 1:
