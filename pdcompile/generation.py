@@ -67,6 +67,11 @@ def resolve_config(base: GenerationConfig, generation_config, kwargs: dict) -> t
 
 def resolve_lengths(config: GenerationConfig, prompt_len: int, has_default_max_length: bool, max_positions) -> None:
     """HF's _prepare_generated_length: turn max/min_new_tokens into total lengths."""
+    if config.max_new_tokens is None and config.max_length is None:  # HF adds None to the prompt length
+        raise TypeError(
+            "max_length=None without max_new_tokens: pass an int, or leave max_length out for the default "
+            "(20 new tokens)"
+        )
     if config.max_new_tokens is not None:
         config.max_length = config.max_new_tokens + prompt_len
     elif has_default_max_length:  # HF: by default, 20 new tokens
@@ -75,6 +80,16 @@ def resolve_lengths(config: GenerationConfig, prompt_len: int, has_default_max_l
             config.max_length = min(config.max_length, max_positions)
     if config.min_new_tokens is not None:
         config.min_length = config.min_new_tokens + prompt_len
+
+
+def check_config(config: GenerationConfig) -> None:
+    """Refuse None where HF's generate() computes with the field (it fails there with a bare TypeError).
+
+    A None that works here but not on the HF model would make the drop-in one-way.
+    """
+    for name in ("num_return_sequences", "num_beams"):
+        if getattr(config, name, 1) is None:
+            raise TypeError(f"{name}=None: pass an int, or leave {name} out for the default (1)")
 
 
 def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: dict) -> list[str]:
@@ -155,6 +170,31 @@ def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tenso
             "pass the tokenizer's mask, not an additive or weighted one"
         )
     return attention_mask.to(torch.long)
+
+
+def infer_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """HF's mask when generate() gets none: tokens equal to ``pad_token_id`` are padding.
+
+    HF does this only when a pad id is set, occurs in the prompt and is not an eos id
+    (_prepare_attention_mask_for_generation). Where those pad tokens are not left padding
+    HF masks holes, which the compiled path cannot do: refuse, saying where the mask came from.
+    """
+    ones = torch.ones_like(input_ids)
+    pad = config.pad_token_id
+    if pad is None or not bool((input_ids == pad).any()):
+        return ones
+    eos = [] if config.eos_token_id is None else torch.as_tensor(config.eos_token_id).reshape(-1).tolist()
+    if pad in eos:
+        return ones
+    mask = (input_ids != pad).to(torch.long)
+    try:
+        pack_left_padded(input_ids, mask)
+    except ValueError as e:
+        raise ValueError(
+            f"no attention_mask was passed, so, as in HF, every token equal to pad_token_id={pad} is padding; "
+            f"in this prompt that is not left padding ({e}). Pass the tokenizer's attention_mask."
+        ) from None
+    return mask
 
 
 def as_list(value, cls, name: str):
@@ -310,10 +350,13 @@ def run_generate(
     max_new = math.ceil(config.max_length - prompt_len)
 
     eos = _tensor_or_none(config.eos_token_id, device)
-    if eos is not None and eos.numel() == 0:
-        raise ValueError("eos_token_id is an empty list; pass None for no end-of-sequence token")
     pad = config.pad_token_id
     if pad is None and eos is not None:
+        if eos.numel() == 0:  # HF takes an empty list as "no eos" only when it needs no pad from it
+            raise ValueError(
+                "eos_token_id is an empty list and pad_token_id is not set; pass eos_token_id=None for no "
+                "end-of-sequence token, or a pad_token_id"
+            )
         if batch > 1:
             logger.warning("Setting pad_token_id to eos_token_id:%d for open-end generation.", int(eos[0]))
         pad = int(eos[0])

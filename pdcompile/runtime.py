@@ -16,6 +16,8 @@ from .hf_compat import output_cache_field
 from .kv_pool import BlockPool, block_hashes
 from .generation import (
     GenerationTimings,
+    check_config,
+    infer_attention_mask,
     model_inputs,
     pack_left_padded,
     resolve_config,
@@ -372,7 +374,11 @@ class OptimizedModel:
                 negative_prompt_ids, negative_prompt_attention_mask, kwargs,
             )
         config.validate()
-        input_ids, attention_mask = model_inputs(self.runner, input_ids, model_kwargs.get("attention_mask"))
+        check_config(config)
+        given_mask = model_kwargs.get("attention_mask")
+        input_ids, attention_mask = model_inputs(self.runner, input_ids, given_mask)
+        if given_mask is None:
+            attention_mask = infer_attention_mask(input_ids, config)
         resolve_lengths(config, input_ids.shape[1], default_max_length, getattr(self.config, "max_position_embeddings", None))
         n = config.num_return_sequences or 1
         if n > 1 and not isinstance(n, int):  # HF fails in repeat_interleave

@@ -157,12 +157,28 @@ def test_empty_batch_is_refused_clearly(pair):
         fast(input_ids=ids)
 
 
-def test_empty_eos_list_is_refused_naming_it(pair):
+def test_empty_eos_list_like_hf(pair):
+    # HF takes eos_token_id=[] as "no eos" when pad_token_id is set, and fails (IndexError)
+    # picking the pad from it when it is not.
     model, fast = pair
     ids = _prompt()
-    assert _raises(lambda: model.generate(input_ids=ids, max_new_tokens=2, eos_token_id=[])) is not None
-    with pytest.raises(ValueError, match="eos_token_id is an empty list"):
-        fast.generate(input_ids=ids, max_new_tokens=2, eos_token_id=[])
+    kw = dict(input_ids=ids, max_new_tokens=4, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(model.generate(**kw), fast.generate(**kw))
+    del kw["pad_token_id"]
+    assert _raises(lambda: model.generate(**kw)) is not None
+    with pytest.raises(ValueError, match="eos_token_id is an empty list and pad_token_id is not set"):
+        fast.generate(**kw)
+
+
+@pytest.mark.parametrize("name", ["max_length", "num_return_sequences", "num_beams"])
+def test_none_where_hf_fails_on_none(pair, name):
+    # HF computes with these (max_length + prompt length, max(num_beams, num_return_sequences))
+    # and fails on None with a bare TypeError; refuse it too, naming the argument.
+    model, fast = pair
+    kw = dict(input_ids=_prompt(), **{name: None})
+    assert isinstance(_raises(lambda: model.generate(**kw)), TypeError)
+    with pytest.raises(TypeError, match=f"{name}=None"):
+        fast.generate(**kw)
 
 
 def test_float_num_return_sequences_is_refused_naming_it(pair):
@@ -181,6 +197,26 @@ def test_mask_dtypes_hf_accepts(pair, dtype):
     ids, mask = models.left_padded_batch(lengths=(7, 3))
     kw = dict(input_ids=ids, attention_mask=mask.to(dtype), max_new_tokens=5, pad_token_id=0)
     assert torch.equal(model.generate(**kw), fast.generate(**kw))
+
+
+def test_mask_inferred_from_pad_token_id_like_hf(pair):
+    # Without an attention_mask HF treats tokens equal to pad_token_id as padding (unless the
+    # pad id is also an eos id): a left-padded batch with only pad_token_id must give HF's tokens.
+    model, fast = pair
+    ids, mask = models.left_padded_batch(lengths=(7, 3))
+    ids[mask == 0] = 250
+    kw = dict(input_ids=ids, pad_token_id=250, max_new_tokens=6)
+    assert torch.equal(model.generate(**kw), fast.generate(**kw))
+    kw["eos_token_id"] = [2, 250]  # pad is an eos id: HF does not infer, every token counts
+    assert torch.equal(model.generate(**kw), fast.generate(**kw))
+
+
+def test_inferred_mask_with_holes_is_refused_naming_pad_token_id(pair):
+    # HF masks a pad id in the middle of a prompt (a hole); the compiled path cannot, so it refuses.
+    _, fast = pair
+    ids = torch.tensor([[5, 6, 250, 7]])
+    with pytest.raises(ValueError, match="no attention_mask was passed, so, as in HF, every token equal to pad_token_id=250"):
+        fast.generate(input_ids=ids, pad_token_id=250, max_new_tokens=2)
 
 
 def test_mask_on_another_device_is_refused(pair):
