@@ -90,6 +90,9 @@ def check_config(config: GenerationConfig) -> None:
     for name in ("num_return_sequences", "num_beams"):
         if getattr(config, name, 1) is None:
             raise TypeError(f"{name}=None: pass an int, or leave {name} out for the default (1)")
+    n = config.num_return_sequences
+    if n > 1 and not isinstance(n, int):  # HF fails in repeat_interleave (greedy: in validate())
+        raise TypeError(f"num_return_sequences must be an int, got {n!r}")
 
 
 def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: dict) -> list[str]:
@@ -126,16 +129,20 @@ def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: di
     return found
 
 
-def model_inputs(runner, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+def model_inputs(runner, input_ids, attention_mask, config: GenerationConfig | None = None):
     """Check ``input_ids`` / ``attention_mask`` and return them as the graphs take them.
 
     The ids become int64 here, once: HF accepts int32 ids (embedding takes both) and returns
-    int64 sequences, while the exported graphs (onnxruntime) take int64 only.
+    int64 sequences, while the exported graphs (onnxruntime) take int64 only. Without a
+    mask, generate() (``config`` given) infers it from the pad id as HF does; forward()
+    attends to every token.
     """
     if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
         raise ValueError(f"input_ids is an empty batch, shape {tuple(input_ids.shape)}: pass at least one prompt")
     runner.check_ids(input_ids)
     input_ids = input_ids.to(torch.long)
+    if attention_mask is None and config is not None:
+        return input_ids, infer_attention_mask(input_ids, config)
     return input_ids, check_attention_mask(attention_mask, input_ids)
 
 

@@ -17,7 +17,6 @@ from .kv_pool import BlockPool, block_hashes
 from .generation import (
     GenerationTimings,
     check_config,
-    infer_attention_mask,
     model_inputs,
     pack_left_padded,
     resolve_config,
@@ -375,14 +374,9 @@ class OptimizedModel:
             )
         config.validate()
         check_config(config)
-        given_mask = model_kwargs.get("attention_mask")
-        input_ids, attention_mask = model_inputs(self.runner, input_ids, given_mask)
-        if given_mask is None:
-            attention_mask = infer_attention_mask(input_ids, config)
+        input_ids, attention_mask = model_inputs(self.runner, input_ids, model_kwargs.get("attention_mask"), config)
         resolve_lengths(config, input_ids.shape[1], default_max_length, getattr(self.config, "max_position_embeddings", None))
         n = config.num_return_sequences or 1
-        if n > 1 and not isinstance(n, int):  # HF fails in repeat_interleave
-            raise TypeError(f"num_return_sequences must be an int, got {n!r}")
         if n > 1:
             input_ids = input_ids.repeat_interleave(n, dim=0)
             attention_mask = attention_mask.repeat_interleave(n, dim=0)
