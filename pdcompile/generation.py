@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -66,6 +67,11 @@ def resolve_config(base: GenerationConfig, generation_config, kwargs: dict) -> t
 
 def resolve_lengths(config: GenerationConfig, prompt_len: int, has_default_max_length: bool, max_positions) -> None:
     """HF's _prepare_generated_length: turn max/min_new_tokens into total lengths."""
+    if config.max_new_tokens is None and config.max_length is None:  # HF adds None to the prompt length
+        raise TypeError(
+            "max_length=None without max_new_tokens: pass an int, or leave max_length out for the default "
+            "(20 new tokens)"
+        )
     if config.max_new_tokens is not None:
         config.max_length = config.max_new_tokens + prompt_len
     elif has_default_max_length:  # HF: by default, 20 new tokens
@@ -74,6 +80,19 @@ def resolve_lengths(config: GenerationConfig, prompt_len: int, has_default_max_l
             config.max_length = min(config.max_length, max_positions)
     if config.min_new_tokens is not None:
         config.min_length = config.min_new_tokens + prompt_len
+
+
+def check_config(config: GenerationConfig) -> None:
+    """Refuse None where HF's generate() computes with the field (it fails there with a bare TypeError).
+
+    A None that works here but not on the HF model would make the drop-in one-way.
+    """
+    for name in ("num_return_sequences", "num_beams"):
+        if getattr(config, name, 1) is None:
+            raise TypeError(f"{name}=None: pass an int, or leave {name} out for the default (1)")
+    n = config.num_return_sequences
+    if n > 1 and not isinstance(n, int):  # HF fails in repeat_interleave (greedy: in validate())
+        raise TypeError(f"num_return_sequences must be an int, got {n!r}")
 
 
 def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: dict) -> list[str]:
@@ -108,6 +127,107 @@ def unsupported_features(config: GenerationConfig, model_kwargs: dict, extra: di
     if model_kwargs.get("use_cache") is False:
         found.append("use_cache=False")
     return found
+
+
+def model_inputs(runner, input_ids, attention_mask, config: GenerationConfig | None = None):
+    """Check ``input_ids`` / ``attention_mask`` and return them as the graphs take them.
+
+    The ids become int64 here, once: HF accepts int32 ids (embedding takes both) and returns
+    int64 sequences, while the exported graphs (onnxruntime) take int64 only. Without a
+    mask, generate() (``config`` given) infers it from the pad id as HF does; forward()
+    attends to every token.
+    """
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and input_ids.shape[0] == 0:
+        raise ValueError(f"input_ids is an empty batch, shape {tuple(input_ids.shape)}: pass at least one prompt")
+    runner.check_ids(input_ids)
+    input_ids = input_ids.to(torch.long)
+    if attention_mask is None and config is not None:
+        return input_ids, infer_attention_mask(input_ids, config)
+    return input_ids, check_attention_mask(attention_mask, input_ids)
+
+
+def check_attention_mask(attention_mask, input_ids: torch.Tensor) -> torch.Tensor:
+    """The mask as int64 ones and zeros, the shape and device of ``input_ids``; ones when None.
+
+    HF takes any 2-D mask and reads it both as a boolean (attention) and as counts (its
+    position ids are the mask's cumulative sum): a mask of 2s or 0.5s, or an additive
+    0/-inf mask, silently gives wrong positions there. Only 0 and 1 are meaningful, so
+    anything else is refused.
+    """
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.dtype.is_complex:
+        raise TypeError(f"attention_mask must hold 0 and 1 (integer, bool or float), got {attention_mask.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}"
+        )
+    if attention_mask.device != input_ids.device:
+        raise ValueError(
+            f"attention_mask is on {attention_mask.device} but input_ids is on {input_ids.device}; "
+            "move it with .to(model.device)"
+        )
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bool(bad.any()):
+        value = attention_mask[bad][0].item()
+        raise ValueError(
+            f"attention_mask must hold only 0 (padding) and 1 (token), found {value}; "
+            "pass the tokenizer's mask, not an additive or weighted one"
+        )
+    return attention_mask.to(torch.long)
+
+
+def infer_attention_mask(input_ids: torch.Tensor, config: GenerationConfig) -> torch.Tensor:
+    """HF's mask when generate() gets none: tokens equal to ``pad_token_id`` are padding.
+
+    HF does this only when a pad id is set, occurs in the prompt and is not an eos id
+    (_prepare_attention_mask_for_generation). Where those pad tokens are not left padding
+    HF masks holes, which the compiled path cannot do: refuse, saying where the mask came from.
+    """
+    ones = torch.ones_like(input_ids)
+    pad = config.pad_token_id
+    if pad is None or not bool((input_ids == pad).any()):
+        return ones
+    eos = [] if config.eos_token_id is None else torch.as_tensor(config.eos_token_id).reshape(-1).tolist()
+    if pad in eos:
+        return ones
+    mask = (input_ids != pad).to(torch.long)
+    try:
+        pack_left_padded(input_ids, mask)
+    except ValueError as e:
+        raise ValueError(
+            f"no attention_mask was passed, so, as in HF, every token equal to pad_token_id={pad} is padding; "
+            f"in this prompt that is not left padding ({e}). Pass the tokenizer's attention_mask."
+        ) from None
+    return mask
+
+
+def as_list(value, cls, name: str):
+    """A user's logits processors / stopping criteria as ``cls``.
+
+    HF takes any list or tuple here (it merges them into its own list class), so a plain
+    ``[MyCriteria()]`` must work too.
+    """
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{name} must be a list of callables, got {type(value).__name__}")
+    for item in value:
+        if not callable(item):
+            raise TypeError(f"{name} must be a list of callables, got an item of type {type(item).__name__}")
+    return cls(value)
+
+
+def _merge(default: LogitsProcessorList, user: LogitsProcessorList) -> LogitsProcessorList:
+    """HF's rule: a user processor of the same type as a built-in one takes its place; the rest follow."""
+    out = LogitsProcessorList()
+    for proc in default:
+        same = next((u for u in user if type(u) is type(proc)), None)
+        out.append(same if same is not None else proc)
+    out.extend(u for u in user if not any(u is o for o in out))
+    return out
 
 
 def _tensor_or_none(value, device) -> torch.Tensor | None:
@@ -149,7 +269,7 @@ def build_logits_processor(
     if config.begin_suppress_tokens is not None:
         procs.append(lp.SuppressTokensAtBeginLogitsProcessor(config.begin_suppress_tokens, prompt_len, device=device))
     if user:
-        procs.extend(user)
+        procs = _merge(procs, user)
     if config.do_sample:
         keep = 1
         if config.temperature is not None and config.temperature != 1.0:
@@ -222,19 +342,28 @@ def run_generate(
     timings: GenerationTimings | None = None,
 ):
     """Greedy or sampled generation over the runner's prefill and decode graphs."""
+    logits_processor = as_list(logits_processor, LogitsProcessorList, "logits_processor")
+    stopping_criteria = as_list(stopping_criteria, StoppingCriteriaList, "stopping_criteria")
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    max_new = config.max_length - prompt_len
-    if max_new < 1:
-        logger.warning(
-            "input length %d >= max_length %d: generating one token. Set max_new_tokens instead.",
-            prompt_len, config.max_length,
+    if prompt_len >= config.max_length:  # HF's check and message (_validate_generated_length)
+        raise ValueError(
+            f"Input length of input_ids is {prompt_len}, but `max_length` is set to {config.max_length}. "
+            "This can lead to unexpected behavior. You should consider increasing `max_length` or, better yet, "
+            "setting `max_new_tokens`."
         )
-        max_new = 1
+    # HF stops once the length reaches max_length, which may be a float (max_new_tokens=4.0, 4.5):
+    # the number of new tokens is the ceiling of the difference.
+    max_new = math.ceil(config.max_length - prompt_len)
 
     eos = _tensor_or_none(config.eos_token_id, device)
     pad = config.pad_token_id
     if pad is None and eos is not None:
+        if eos.numel() == 0:  # HF takes an empty list as "no eos" only when it needs no pad from it
+            raise ValueError(
+                "eos_token_id is an empty list and pad_token_id is not set; pass eos_token_id=None for no "
+                "end-of-sequence token, or a pad_token_id"
+            )
         if batch > 1:
             logger.warning("Setting pad_token_id to eos_token_id:%d for open-end generation.", int(eos[0]))
         pad = int(eos[0])

@@ -22,6 +22,14 @@ class KVPoolExhausted(RuntimeError):
     """More KV blocks were needed than the pool holds."""
 
 
+def format_bytes(n: float) -> str:
+    """A size a person can read: small test pools are KiB, real ones MiB or GiB."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
 def block_hashes(tokens, block_size: int, limit: int) -> list[bytes]:
     """Hash chain over the full blocks of ``tokens[:limit]``."""
     out, prev = [], b""
@@ -52,8 +60,9 @@ class BlockPool:
             usable = self.num_blocks - 1
             raise KVPoolExhausted(
                 f"the KV pool is out of blocks: {n} more needed, {self.available()} free of {usable} "
-                f"({self.block_size}-token blocks, {usable * self.bytes_per_block / 2**20:.0f} MiB); pass a larger "
-                "kv_cache_memory (or kv_cache_blocks) to pdcompile.optimize(), or run fewer / shorter sequences at once"
+                f"({self.block_size}-token blocks, {format_bytes(usable * self.bytes_per_block)}); pass a larger "
+                "kv_cache_memory= (bytes) to pdcompile.optimize(), or "
+                "config=OptimizeConfig(cache=CacheConfig(kv_cache_blocks=...)), or run fewer / shorter sequences at once"
             )
         out = []
         for _ in range(n):

@@ -17,6 +17,8 @@ from .hf_compat import output_cache_field
 from .kv_cache import CapacityError, ContiguousKV, Sequences
 from .generation import (
     GenerationTimings,
+    check_config,
+    model_inputs,
     pack_left_padded,
     resolve_config,
     resolve_lengths,
@@ -234,12 +236,8 @@ class OptimizedModel:
                 negative_prompt_ids, negative_prompt_attention_mask, kwargs,
             )
         config.validate()
-        self.runner.check_ids(input_ids)
-        attention_mask = model_kwargs.get("attention_mask")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        elif attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        check_config(config)
+        input_ids, attention_mask = model_inputs(self.runner, input_ids, model_kwargs.get("attention_mask"), config)
         resolve_lengths(config, input_ids.shape[1], default_max_length, getattr(self.config, "max_position_embeddings", None))
         n = config.num_return_sequences or 1
         if n > 1:
@@ -304,7 +302,8 @@ class OptimizedModel:
             raise NotImplementedError(f"forward() arguments not supported by pdcompile: {sorted(unknown)}")
         if input_ids is None:
             raise ValueError("forward() needs input_ids (inputs_embeds is not supported)")
-        self.runner.check_ids(input_ids)
+        # the mask is read by the prefill only: a decode step continues the cache's rows
+        input_ids, attention_mask = model_inputs(self.runner, input_ids, attention_mask if past_key_values is None else None)
         use_cache = True if use_cache is None else use_cache
         with self.runner.lock:
             return self._forward(input_ids, attention_mask, past_key_values, use_cache, logits_to_keep, return_dict)
@@ -324,8 +323,6 @@ class OptimizedModel:
         return out if return_dict is not False else out.to_tuple()
 
     def _forward_prefill(self, input_ids, attention_mask, logits_to_keep):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         ids_rp, lengths = pack_left_padded(input_ids, attention_mask)
         batch, width = input_ids.shape
         seqs = self.runner.start(ids_rp, lengths, 1)

@@ -16,10 +16,11 @@ _CACHE: dict = {}
 
 
 def optimized(family: str, backend: str, **options):
+    options.setdefault("max_seq_len", 256)
     key = (family, backend, tuple(sorted(options.items())))
     if key not in _CACHE:
         model = models.build(family)
-        _CACHE[key] = (model, pdcompile.optimize(model, backend=backend, max_seq_len=256, **options))
+        _CACHE[key] = (model, pdcompile.optimize(model, backend=backend, **options))
     return _CACHE[key]
 
 
