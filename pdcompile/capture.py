@@ -29,8 +29,12 @@ into this layout), and per-row positions are what a paged cache needs later.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 import logging
+import re
+import sys
 import time
 from dataclasses import dataclass
 
@@ -44,7 +48,31 @@ logger = logging.getLogger(__name__)
 
 
 class UnsupportedModelError(ValueError):
-    """The model cannot be captured; the message says why and what is supported."""
+    """The model cannot be captured.
+
+    The message names the model class, the capture phase that failed ("check": config and
+    forward signature; "probe": one eager forward on two tokens; "prefill", "decode",
+    "extend", "score": torch.export of that phase), the construct that failed and what to
+    do instead; the same parts are attributes. The underlying error, if any, is chained
+    (``__cause__``).
+    """
+
+    def __init__(self, message: str, *, model_class: str | None = None, phase: str | None = None,
+                 construct: str | None = None, remedy: str | None = None):
+        super().__init__(message)
+        self.model_class, self.phase, self.construct, self.remedy = model_class, phase, construct, remedy
+
+    @classmethod
+    def of(cls, model, phase: str, construct: str, remedy: str) -> "UnsupportedModelError":
+        name = type(model).__name__
+        return cls(f"{name} cannot be captured (phase: {phase}): {construct}. What to do: {remedy}",
+                   model_class=name, phase=phase, construct=construct, remedy=remedy)
+
+
+# What to tell the user for every model pdcompile cannot run (one place, so all refusals agree).
+_USE_HF = "run it with transformers' own generate() (pdcompile does not speed it up)"
+_DECODER_ONLY = ("pdcompile captures decoder-only transformers whose every layer is attention over a "
+                 "key/value cache (Llama, Mistral, Qwen, Gemma, Phi, GPT-2 families and the like); " + _USE_HF)
 
 
 @dataclass(frozen=True)
@@ -337,26 +365,57 @@ class CapturedModel:
     timings: dict[str, float]
 
 
+# Layer kinds (config.layer_types, 5.x) whose state is keys and values in a cache.
+ATTENTION_LAYER_TYPES = frozenset({"full_attention", "sliding_attention", "chunked_attention"})
+# Module class names of layers that keep another kind of state (named in the refusal).
+_STATEFUL_MODULE_HINTS = ("Mixer", "GatedDeltaNet", "LinearAttention", "LightningAttention", "ShortConv", "Rglru",
+                          "RecurrentBlock")
+
+
+def _layer_kinds(config) -> tuple[str, list[str]]:
+    """(config attribute, kind of each layer); 5.x configs have layer_types, older hybrids others."""
+    for attr in ("layer_types", "layers_block_type", "block_types"):
+        kinds = getattr(config, attr, None)
+        if isinstance(kinds, (list, tuple)) and kinds:
+            return attr, [str(k) for k in kinds]
+    return "", []
+
+
 def check_supported(model: torch.nn.Module) -> None:
+    """Refuse, before any tracing, the models whose config or forward already says they cannot work."""
     config = getattr(model, "config", None)
-    name = type(model).__name__
     if config is None:
-        raise UnsupportedModelError(f"{name} has no `.config`; pdcompile takes a transformers PreTrainedModel.")
+        raise UnsupportedModelError.of(
+            model, "check", "it has no `.config`", "pass a transformers PreTrainedModel (AutoModelForCausalLM)")
     if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"{name} is an encoder-decoder model; pdcompile supports decoder-only causal LMs "
-            "(AutoModelForCausalLM) only."
-        )
+        raise UnsupportedModelError.of(
+            model, "check", "it is an encoder-decoder model (is_encoder_decoder=True in its config): the "
+            "decoder cross-attends to an encoder output, which the prefill/decode graphs do not carry",
+            _DECODER_ONLY)
+    attr, kinds = _layer_kinds(config)
+    other = sorted({k for k in kinds if k not in ATTENTION_LAYER_TYPES})
+    if other:
+        modules = sorted({type(m).__name__ for m in model.modules()
+                          if any(h in type(m).__name__ for h in _STATEFUL_MODULE_HINTS)})
+        where = ", ".join([f"config.{attr}", *modules])
+        raise UnsupportedModelError.of(
+            model, "check", f"it has layers of kind {other} ({where}): state-space, recurrent, convolutional or "
+            "linear-attention layers keep a running state, not a key/value cache", _DECODER_ONLY)
+    shared = getattr(config, "num_kv_shared_layers", 0)
+    if isinstance(shared, int) and shared > 0:
+        raise UnsupportedModelError.of(
+            model, "check", f"its last {shared} layer(s) reuse the key/value cache of earlier layers "
+            "(cross-layer KV sharing, num_kv_shared_layers)", _DECODER_ONLY)
     params = inspect.signature(model.forward).parameters
     missing = [p for p in ("input_ids", "attention_mask", "position_ids") if p not in params]
     if cache_arg(model) is None:
         missing.append("cache (or past_key_values)")
     if missing:
-        raise UnsupportedModelError(
-            f"{name}.forward does not accept {missing}; pdcompile needs a causal LM whose forward takes "
-            "input_ids, attention_mask, position_ids and a KV cache (`cache=`, or `past_key_values=` before "
-            "transformers 5.24)."
-        )
+        raise UnsupportedModelError.of(
+            model, "check", f"its forward does not accept {missing}",
+            "pdcompile needs a causal LM whose forward takes input_ids, attention_mask, position_ids and a KV "
+            "cache (`cache=`, or `past_key_values=` before transformers 5.24); models that derive positions "
+            "from the mask alone (ALiBi models such as BLOOM) or keep a recurrent state do not; " + _USE_HF)
 
 
 @torch.no_grad()
@@ -367,32 +426,129 @@ def probe_geometry(model: torch.nn.Module) -> CacheGeometry:
     cache = _ProbeCache()
     try:
         model(input_ids=ids, use_cache=True, **{cache_arg(model): cache})
-    except (AttributeError, NotImplementedError, ValueError, TypeError) as e:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} does not run with a standard key/value cache ({type(e).__name__}: {e}). "
-            "pdcompile supports decoder-only models whose layers store keys and values through "
-            "Cache.update (Llama, Mistral, Qwen, Phi, GPT-2 families and the like); recurrent or "
-            "linear-attention layers are not supported."
-        ) from e
+    except Exception as e:  # whatever breaks here, the model does not run on a plain KV cache
+        raise UnsupportedModelError.of(
+            model, "probe", f"its forward fails on a standard key/value cache ({type(e).__name__}: "
+            f"{_first_line(e)})", _DECODER_ONLY) from e
     layers = []
     dtype = None
     for i, layer in enumerate(cache.layers):
         if not isinstance(layer, _ProbeLayer) or layer.shapes is None:
-            raise UnsupportedModelError(
-                f"{type(model).__name__}: layer {i} did not store keys/values through Cache.update; "
-                "models with non-attention layers (recurrent, linear attention) are not supported."
-            )
+            raise UnsupportedModelError.of(
+                model, "probe", f"layer {i} did not store keys/values through Cache.update (a non-attention "
+                "layer: recurrent, linear attention, ...)", _DECODER_ONLY)
         kshape, vshape, dtype = layer.shapes
         layers.append(LayerGeometry(kv_heads=kshape[1], head_dim=kshape[3], v_head_dim=vshape[3]))
     if not layers:
-        raise UnsupportedModelError(f"{type(model).__name__} never wrote to the KV cache; nothing to capture.")
+        raise UnsupportedModelError.of(model, "probe", "it never wrote to the key/value cache", _DECODER_ONLY)
     expected = getattr(model.config, "num_hidden_layers", len(layers))
     if len(layers) != expected:
-        raise UnsupportedModelError(
-            f"{type(model).__name__} wrote {len(layers)} cache layers but has {expected} hidden layers; "
-            "cross-layer KV sharing is not supported."
-        )
+        raise UnsupportedModelError.of(
+            model, "probe", f"it wrote {len(layers)} cache layers but has {expected} hidden layers "
+            "(cross-layer KV sharing)", _DECODER_ONLY)
     return CacheGeometry(layers=tuple(layers), dtype=dtype)
+
+
+# --------------------------------------------------------------------------- export errors
+
+# What each dynamic dimension of the export is, for the user, and the option that bounds it.
+_DIMS = {
+    "batch": ("the batch size", "max_batch_size"),
+    "seq": ("the prompt length (dim 1 of input_ids)", "max_seq_len"),
+    "capacity": ("the KV-cache length", "max_seq_len"),
+}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def _user_frame(text: str) -> str:
+    """' at file:line in fn: `code`' from torch's "The following call raised this error" block."""
+    m = re.search(r'The following call raised this error:\s*File "([^"]+)", line (\d+), in (\S+)(?:\n[ \t]+(\S.*))?', text)
+    if not m:
+        return ""
+    path, line, fn, code = m.groups()
+    where = f" at {path.rsplit('/', 1)[-1]}:{line} in {fn}"
+    return where + (f": `{code.strip()}`" if code else "")
+
+
+def explain_export_error(model, phase: str, error: BaseException) -> UnsupportedModelError:
+    """Translate a torch.export failure into one sentence about the model and what to do."""
+    texts = [str(x) for x in _chain(error)]
+    names = [type(x).__name__ for x in _chain(error)]
+    text = "\n".join(texts)
+    if "GuardOnDataDependentSymNode" in names or "data-dependent" in text:
+        return UnsupportedModelError.of(
+            model, phase, "data-dependent control flow: the forward branches on (or converts to Python) the "
+            f"value of a tensor{_user_frame(text)}",
+            "make that code independent of tensor values (torch.where, torch.cond, or a value fixed when the "
+            "model is built), or " + _USE_HF)
+    violated = re.search(r"Constraints violated \(([^)]*)\)", text)
+    if violated:
+        dims = [d.strip() for d in violated.group(1).split(",") if d.strip()]
+        what = ", ".join(f"{_DIMS.get(d, (d, None))[0]} ('{d}')" for d in dims)
+        guard = re.search(r"satisfy the generated guard (.+)", text)
+        # torch writes sizes as L['input_ids'].size()[1]; say input_ids.shape[1]
+        guard = guard and re.sub(r"L\['(\w+)'\]\.size\(\)\[(\d+)\]", r"\1.shape[\2]", guard.group(1).strip())
+        construct = (f"the model's code only works for some values of {what}, not the whole dynamic range "
+                     "pdcompile captures" + (f" (it requires {guard})" if guard else ""))
+        fixes = []
+        for d in dims:
+            bound = re.search(rf"{re.escape(d)} = Dim\('{re.escape(d)}'[^)]*max=(\d+)", text)
+            option = _DIMS.get(d, (None, None))[1]
+            if bound and option:
+                fixes.append(f"{option}={bound.group(1)}")
+        if fixes:
+            remedy = (f"pass {', '.join(fixes)} to pdcompile.optimize (the largest value the model traces for), "
+                      "or remove the size-dependent branch from the model")
+        else:
+            remedy = ("the model specialises that dimension (a size-dependent branch or reshape); make it work for "
+                      "any size, or " + _USE_HF)
+        return UnsupportedModelError.of(model, phase, construct, remedy)
+    if any(n in ("UnsupportedOperatorException", "DynamicOutputShapeException") for n in names) or re.search(
+            r"fake impl|fake kernel|Meta kernel|not implemented for 'Meta'|data pointer", text):
+        return UnsupportedModelError.of(
+            model, phase, f"an operation torch.export cannot trace ({_first_line(error)})",
+            "for a custom operator register a fake implementation (torch.library.register_fake); otherwise "
+            "replace it with standard torch operations, or " + _USE_HF)
+    return UnsupportedModelError.of(
+        model, phase, f"torch.export failed ({type(error).__name__}: {_first_line(error)})",
+        "the chained exception (__cause__) has torch's full report; if this is a standard decoder-only "
+        "transformer, report it to pdcompile with that report; meanwhile " + _USE_HF)
+
+
+class _torch_export_output:
+    """Hold back what torch.export writes to stderr while it runs.
+
+    On a failure torch prints the partial FX graph to stderr before raising; the user gets
+    the translated error instead (the graph goes to the debug log). On success anything
+    written (warnings) is passed on unchanged.
+    """
+
+    def __enter__(self):
+        self.buffer = io.StringIO()
+        self.redirect = contextlib.redirect_stderr(self.buffer)
+        self.redirect.__enter__()
+
+    def __exit__(self, exc_type, *exc):
+        self.redirect.__exit__(exc_type, *exc)
+        text = self.buffer.getvalue()
+        if not text:
+            return
+        if exc_type is None:
+            sys.stderr.write(text)
+        else:
+            logger.debug("torch.export output before the failure:\n%s", text)
 
 
 def _flat_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
@@ -471,8 +627,11 @@ def _export_phase(model, phase: str, geometry: CacheGeometry, max_batch_size: in
     plain = 1 + len(rows)
     dims = (*dims[:plain], dims[plain:])  # the modules take the caches as *caches: one tuple
     t0 = time.perf_counter()
-    with torch.no_grad():
-        ep = torch.export.export(module, (ids, *rows, *caches), dynamic_shapes=dims, strict=False)
+    try:
+        with torch.no_grad(), _torch_export_output():
+            ep = torch.export.export(module, (ids, *rows, *caches), dynamic_shapes=dims, strict=False)
+    except Exception as e:  # torch's trace is chained; the user reads what failed and what to do
+        raise explain_export_error(model, phase, e) from e
     gm = _flat_graph_module(ep)
     logger.info("captured %s graph: %d nodes in %.1f s", phase, len(gm.graph.nodes), time.perf_counter() - t0)
     return gm, signature

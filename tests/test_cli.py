@@ -18,10 +18,34 @@ def model_dir(tmp_path_factory):
     return path
 
 
-def _cli(*args):
+def _run(*args):
     proc = subprocess.run([sys.executable, "-m", "pdcompile", *args], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc.stdout
+    return proc
+
+
+def _cli(*args):
+    return _run(*args).stdout
+
+
+# Third-party output the demo must not show without -v: Python warnings, torch's
+# glog-style log lines ("W1125 13:53:12.99 ..."), torch.onnx progress, progress bars.
+NOISE = re.compile(r"Warning|^\[torch\.onnx\]|^[WE]\d{4} |torchvision|Loading weights|it/s\]", re.M)
+
+
+def test_run_is_quiet_and_compares_cold_with_cold(model_dir):
+    prompt = " ".join(f"w{i}" for i in range(5, 45))  # long enough for prefix-cache blocks
+    proc = _run("run", "--model", str(model_dir), "--backend", "onnxruntime", "--max-new-tokens", "4",
+                "--repeats", "1", "--prompt", prompt)
+    noise = NOISE.findall(proc.stdout + proc.stderr)
+    assert not noise, f"third-party noise {noise} in:\n{proc.stdout}\n{proc.stderr}"
+    out = " ".join(proc.stdout.split())  # the table title may wrap
+    assert "Tokens identical to HF eager: True" in out
+    # the timed comparison is cold for both systems; the prefix cache has its own line
+    assert "cold prompts (no prefix-cache reuse)" in out
+    cached = re.search(r"Cached-prefix TTFT \(separate from the cold comparison\).*first (\d+) of the (\d+) prompt "
+                       r"tokens.*: [\d.]+ ms \(cold: [\d.]+ ms\)", out)
+    assert cached and 0 < int(cached.group(1)) < int(cached.group(2)), proc.stdout
 
 
 def test_inspect_shows_passes_and_dumps(model_dir, tmp_path):
