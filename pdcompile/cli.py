@@ -141,10 +141,10 @@ def encode_prompt(tokenizer, prompt: str):
 
 
 class _prefix_cache:
-    """Prefix-cache reuse on or off for the duration of a block (the paged runner's switch)."""
+    """Prefix-cache reuse on or off for the duration of a block (the paged KV manager's switch)."""
 
     def __init__(self, fast, on: bool):
-        self.runner, self.on = fast.runner, on
+        self.runner, self.on = fast.runner.kv, on
 
     def __enter__(self):
         self.prev = getattr(self.runner, "prefix_cache", None)
@@ -165,7 +165,7 @@ def cached_prefix_ttft(fast, inputs: dict, repeats: int):
     """
     from .timing import timed_generate
 
-    runner = fast.runner
+    runner = fast.runner.kv
     prompt_len = inputs["input_ids"].shape[1]
     if getattr(runner, "prefix_cache", None) is None:
         return None, "the model runs without the paged cache, so without a prefix cache"
