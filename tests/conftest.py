@@ -18,7 +18,7 @@ _CACHE: dict = {}
 def optimized(family: str, backend: str, **options):
     key = (family, backend, tuple(sorted(options.items())))
     if key not in _CACHE:
-        model = models.build(family)
+        model = models.build(family, backend=backend)
         _CACHE[key] = (model, pdcompile.optimize(model, backend=backend, max_seq_len=256, **options))
     return _CACHE[key]
 
