@@ -19,7 +19,7 @@ def optimized(family: str, backend: str, **options):
     options.setdefault("max_seq_len", 256)
     key = (family, backend, tuple(sorted(options.items())))
     if key not in _CACHE:
-        model = models.build(family)
+        model = models.build(family, backend=backend)
         _CACHE[key] = (model, pdcompile.optimize(model, backend=backend, **options))
     return _CACHE[key]
 

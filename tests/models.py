@@ -35,10 +35,75 @@ FAMILIES = {
         pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=None)),
 }
 
+# Sliding-window families are verified inside their window only: the window is set at
+# least as long as any sequence the tests run (max_seq_len 256 in conftest), so every
+# layer attends to the whole sequence. Sliding beyond the window is tracked separately.
+WINDOW = 512
 
-def build(family: str, seed: int = 0):
+# Same size for every family: 2 layers, hidden 64, 4 heads (2 KV heads where the family
+# has GQA), vocab 256; special tokens inside the vocabulary. initializer_range is raised
+# per family where 0.1 still gives a near-constant greedy output (>= 8 distinct tokens in
+# 64 for every row of the test batches is the bar).
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             vocab_size=VOCAB, initializer_range=0.1, max_position_embeddings=512,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_GQA = dict(_TINY, num_key_value_heads=2)
+
+
+def _gqa(**overrides):
+    return dict(_GQA, **overrides)
+
+
+# More decoder-only families, by how widely they are used. Apart from FAMILIES so that the
+# per-family pass and paged-cache tests keep their cost; test_parity covers all of them.
+NEW_FAMILIES = {
+    "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**_gqa(head_dim=16, initializer_range=0.3))),
+    # Gemma 2/3 untied: with embeddings scaled by sqrt(hidden), post-norms and a tied head,
+    # a random model predicts its input token again (one repeated token).
+    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(**_gqa(
+        head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False, initializer_range=0.3))),  # logit soft-capping
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**_gqa(
+        head_dim=16, sliding_window=WINDOW, tie_word_embeddings=False, initializer_range=0.2))),
+    "olmo": lambda: tf.OlmoForCausalLM(tf.OlmoConfig(**_GQA)),
+    "olmo2": lambda: tf.Olmo2ForCausalLM(tf.Olmo2Config(**_GQA)),
+    "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
+        **_GQA, embedding_multiplier=2.0, logits_scaling=2.0, residual_multiplier=0.5, attention_multiplier=0.25)),
+    "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(**_GQA)),  # partial rotary (25%)
+    "phi": lambda: tf.PhiForCausalLM(tf.PhiConfig(**_TINY)),  # partial rotary (50%), parallel block
+    "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**_TINY)),
+    "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+        **{k: v for k, v in _TINY.items() if k not in ("intermediate_size", "initializer_range")},
+        ffn_hidden_size=128, initializer_range=0.2)),  # multi-query
+    "cohere": lambda: tf.CohereForCausalLM(tf.CohereConfig(**_gqa(initializer_range=0.2))),
+    "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(**_gqa(sliding_window=WINDOW, initializer_range=0.3))),
+    "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+        **_GQA, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64)),
+    "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(**_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "smollm3": lambda: tf.SmolLM3ForCausalLM(tf.SmolLM3Config(
+        **_gqa(initializer_range=0.2), no_rope_layer_interval=2)),  # layer 1 without rotary (NoPE)
+    "gpt_bigcode": lambda: tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=512, initializer_range=0.2,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2)),  # multi-query
+    "opt": lambda: tf.OPTForCausalLM(tf.OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=64,
+        vocab_size=VOCAB, init_std=0.2, max_position_embeddings=512, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2)),
+}
+
+ALL_FAMILIES = {**FAMILIES, **NEW_FAMILIES}
+
+# transformers' default mixture-of-experts kernel on CPU is the custom op
+# transformers::grouped_mm_fallback, which torch.onnx cannot translate; "batched_mm"
+# (a gather of each token's expert weights + batched matmul) lowers to plain ONNX ops.
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
+ONNX_EXPERTS_IMPLEMENTATION = "batched_mm"
+
+
+def build(family: str, seed: int = 0, backend: str | None = None):
     torch.manual_seed(seed)
-    model = FAMILIES[family]()
+    model = ALL_FAMILIES[family]()
+    if backend == "onnxruntime" and family in MOE_FAMILIES:
+        model.set_experts_implementation(ONNX_EXPERTS_IMPLEMENTATION)
     return model.eval()
 
 
