@@ -129,3 +129,27 @@ def word_tokenizer(vocab: int = VOCAB):
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w2", bos_token="w1")
+
+
+# User processors and stopping criteria, as an HF user would write them (test_inputs, the fuzzer).
+class StopAtLength(tf.StoppingCriteria):
+    def __init__(self, length):
+        self.length = length
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    def __repr__(self):
+        return f"StopAtLength({self.length})"
+
+
+class Ban(tf.LogitsProcessor):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.token] = -float("inf")
+        return scores
+
+    def __repr__(self):
+        return f"Ban({self.token})"

@@ -29,42 +29,15 @@ import torch
 import transformers
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from transformers.generation import (
-    LogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers.generation import RepetitionPenaltyLogitsProcessor, StoppingCriteriaList
 
 import models
 import pdcompile
 from conftest import optimized
+from models import Ban, StopAtLength
 
 MAX_SEQ_LEN, MAX_BATCH = 64, 4
 ABSENT = object()  # the kwarg is not passed at all (None is passed: it overrides the model's default)
-
-
-class StopAtLength(StoppingCriteria):
-    def __init__(self, length):
-        self.length = length
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
-
-    def __repr__(self):
-        return f"StopAtLength({self.length})"
-
-
-class Ban(LogitsProcessor):
-    def __init__(self, token):
-        self.token = token
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.token] = -float("inf")
-        return scores
-
-    def __repr__(self):
-        return f"Ban({self.token})"
 
 
 class Pair(tuple):

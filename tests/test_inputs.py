@@ -8,9 +8,10 @@ import inspect
 
 import pytest
 import torch
-from transformers.generation import LogitsProcessor, RepetitionPenaltyLogitsProcessor, StoppingCriteria
+from transformers.generation import RepetitionPenaltyLogitsProcessor
 
 import models
+from models import Ban, StopAtLength
 import pdcompile
 from conftest import optimized
 from pdcompile.kv_pool import BlockPool, KVPoolExhausted
@@ -32,23 +33,6 @@ def _raises(fn):
     except Exception as e:  # noqa: BLE001 - the test compares what each side raised
         return e
     return None
-
-
-class StopAtLength(StoppingCriteria):
-    def __init__(self, length):
-        self.length = length
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
-
-
-class Ban(LogitsProcessor):
-    def __init__(self, token):
-        self.token = token
-
-    def __call__(self, input_ids, scores):
-        scores[:, self.token] = -float("inf")
-        return scores
 
 
 # ------------------------------------------------------------------ user lists
