@@ -156,6 +156,7 @@ def optimize(
 
     Returns an :class:`OptimizedModel` with the HF model's generate()/forward().
     """
+    capture_mod.check_supported(model)  # before anything reads model.config: one clear refusal
     config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes,
                                       paged=paged, block_size=block_size, prefix_cache=prefix_cache,
                                       kv_cache_memory=kv_cache_memory)

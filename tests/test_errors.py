@@ -86,3 +86,12 @@ def test_decode_step_needs_one_token_per_row(fast):
     out = fast(input_ids=torch.tensor([[5, 6, 7]]), logits_to_keep=1)
     with pytest.raises(NotImplementedError, match="one token per row"):
         fast(input_ids=torch.tensor([[5, 6]]), past_key_values=out.past_key_values)
+
+
+def test_module_without_config_is_refused_before_anything_reads_it():
+    class NotHF(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    with pytest.raises(pdcompile.UnsupportedModelError, match=r"NotHF cannot be captured \(phase: check\): it has no `.config`"):
+        pdcompile.optimize(NotHF())

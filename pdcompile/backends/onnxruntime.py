@@ -241,7 +241,15 @@ class OrtBackend(Backend):
     native_code = False  # ONNX files are data: operators come from the installed onnxruntime
 
     def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> OrtPhase:
-        return OrtPhase(onnx_model(gm, ctx), ctx.signature, ctx.device, self.options.threads)
+        try:
+            proto = onnx_model(gm, ctx)
+        except Exception as e:  # torch.onnx's own report is chained; the user reads what to do
+            raise RuntimeError(
+                f"the onnxruntime backend could not lower the {ctx.phase} graph ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:300]}). Use backend='inductor' or 'eager' for this model; for "
+                "mixture-of-experts models, model.set_experts_implementation('batched_mm') first (README)"
+            ) from e
+        return OrtPhase(proto, ctx.signature, ctx.device, self.options.threads)
 
     def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
         """``<phase>.onnx`` (and ``<phase>.onnx.data`` for models over 1.5 GB) in ``folder``."""
