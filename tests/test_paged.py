@@ -18,8 +18,7 @@ KW = dict(do_sample=False, pad_token_id=0)
 
 # ------------------------------------------------------------------ the pass
 
-@pytest.mark.parametrize("block_size", [16, 8])
-@pytest.mark.parametrize("family", sorted(models.FAMILIES))
+@pytest.mark.parametrize("family,block_size", [(f, 16) for f in sorted(models.FAMILIES)] + [("llama", 8), ("gpt2", 32)])
 def test_paged_pass_structure(family, block_size):
     model = models.build(family)
     cap = capture(model, 4, 128)
