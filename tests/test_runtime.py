@@ -15,7 +15,7 @@ import test_parity
 from conftest import optimized
 from pdcompile.capture import capture
 from pdcompile.passes import DECODE_PIPELINE, PREFILL_PIPELINE, run_pipeline
-from pdcompile.phase import PassContext, PhaseSignature, Role
+from pdcompile.phase import PHASES, PassContext, PhaseSignature, Role
 
 BACKENDS = ["eager", "inductor", "onnxruntime"]
 KW = dict(do_sample=False, pad_token_id=0)
@@ -111,7 +111,7 @@ def test_signature_round_trips_through_json():
     for g in fast.graphs.values():
         sig = g.ctx.signature
         assert PhaseSignature.from_dict(sig.to_dict()) == sig
-        assert [s.role for s in sig.inputs[:2]] == [Role.TOKENS, Role.LAST_IDX if sig.phase == "prefill" else Role.POSITIONS]
+        assert [s.role for s in sig.inputs[:2]] == [Role.TOKENS, PHASES[sig.phase].row_inputs[0]]
 
 
 def test_backend_options_are_typed():

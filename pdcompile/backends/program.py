@@ -35,7 +35,10 @@ def export_program(gm: torch.fx.GraphModule, ctx: PassContext, functional: bool 
     prompt = min(5, ctx.max_seq_len - 1)
     # On the graph's device: a CUDA model's weights do not mix with CPU example inputs.
     device = next(n.meta["val"].device for n in gm.graph.nodes if n.op == "placeholder")
-    args = example_inputs(sig, 3, prompt, min(23, max(ctx.max_seq_len, 3)), device=device)
+    capacity = min(23, max(ctx.max_seq_len, 3))
+    if sig.block_size:  # at least two blocks per row: a block table one block wide would be specialised
+        capacity = max(2 * sig.block_size, prompt + 2)
+    args = example_inputs(sig, 3, prompt, capacity, device=device)
     with torch.no_grad():
         return torch.export.export(gm, tuple(args), dynamic_shapes=sig.export_dims(ctx.max_batch_size, ctx.max_seq_len),
                                    strict=False)
