@@ -41,7 +41,8 @@ def _llc_bytes() -> int:
         for index in range(4, -1, -1):
             path = f"/sys/devices/system/cpu/cpu0/cache/index{index}/size"
             if os.path.exists(path):
-                text = open(path).read().strip()
+                with open(path) as f:
+                    text = f.read().strip()
                 mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
                 return int(text.rstrip("KM")) * mult
     except (OSError, ValueError):

@@ -30,6 +30,7 @@ into this layout), and per-row positions are what a paged cache needs later.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import logging
@@ -80,6 +81,7 @@ class LayerGeometry:
     kv_heads: int
     head_dim: int
     v_head_dim: int
+    window: int = 0  # sliding-window layer: attends to the last ``window`` positions (0: all)
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,16 @@ class CacheGeometry:
     def kv_shapes(self) -> list[tuple[int, int]]:
         """(kv_heads, head_dim) of every cache tensor, in graph order: k_0, v_0, k_1, v_1, ..."""
         return [(g.kv_heads, d) for g in self.layers for d in (g.head_dim, g.v_head_dim)]
+
+    def within(self, max_seq_len: int) -> "CacheGeometry":
+        """The geometry for sequences of at most ``max_seq_len`` tokens: a window that long sees
+        every position, so such a layer is a full-attention layer there."""
+        return dataclasses.replace(self, layers=tuple(
+            dataclasses.replace(g, window=0) if g.window >= max_seq_len else g for g in self.layers))
+
+    def kv_windows(self) -> list[int]:
+        """The sliding window of every cache tensor's layer (0: full attention), in graph order."""
+        return [g.window for g in self.layers for _ in range(2)]
 
     def bytes_per_token(self) -> int:
         item = torch.empty((), dtype=self.dtype).element_size()
@@ -244,6 +256,14 @@ def sliding_layout(config) -> SlidingLayout | None:
     if isinstance(window, int) and window > 0 and getattr(config, "use_sliding_window", True) is not False:
         return SlidingLayout(window, None)
     return None
+
+
+def _layer_window(layout: SlidingLayout | None, layer: int) -> int:
+    if layout is None:
+        return 0
+    if layout.layer_types is None or layout.layer_types[layer] == "sliding_attention":
+        return layout.window
+    return 0
 
 
 class _PhaseModule(torch.nn.Module):
@@ -432,13 +452,15 @@ def probe_geometry(model: torch.nn.Module) -> CacheGeometry:
             f"{_first_line(e)})", _DECODER_ONLY) from e
     layers = []
     dtype = None
+    sliding = sliding_layout(model.config)
     for i, layer in enumerate(cache.layers):
         if not isinstance(layer, _ProbeLayer) or layer.shapes is None:
             raise UnsupportedModelError.of(
                 model, "probe", f"layer {i} did not store keys/values through Cache.update (a non-attention "
                 "layer: recurrent, linear attention, ...)", _DECODER_ONLY)
         kshape, vshape, dtype = layer.shapes
-        layers.append(LayerGeometry(kv_heads=kshape[1], head_dim=kshape[3], v_head_dim=vshape[3]))
+        layers.append(LayerGeometry(kv_heads=kshape[1], head_dim=kshape[3], v_head_dim=vshape[3],
+                                    window=_layer_window(sliding, i)))
     if not layers:
         raise UnsupportedModelError.of(model, "probe", "it never wrote to the key/value cache", _DECODER_ONLY)
     expected = getattr(model.config, "num_hidden_layers", len(layers))
@@ -666,7 +688,7 @@ def capture(
     timings: dict[str, float] = {}
     with _capture_mode(model, attn_implementation):
         t0 = time.perf_counter()
-        geometry = probe_geometry(model)
+        geometry = probe_geometry(model).within(max_seq_len)
         timings["probe"] = time.perf_counter() - t0
         graphs = {}
         for phase in ("prefill", "decode"):

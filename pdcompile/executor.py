@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .phase import STATE_ROLES, PhaseSignature
+from .phase import PhaseSignature
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +35,16 @@ class StepExecutor:
         return self.phases[name]
 
     def run(self, name: str, inputs: dict) -> torch.Tensor:
-        """``inputs``: a tensor per role, a list of tensors for the KV state (cache or pool)."""
+        """``inputs``: a tensor per role, or a list of tensors, in signature order, for a role the
+        signature lists several times (the KV state; a paged model's block tables and slot
+        mappings, one per KV group)."""
         fn, signature = self.phase(name)
-        args, state = [], {}
+        args, seen = [], {}
         for spec in signature.inputs:
-            if spec.role in STATE_ROLES:
-                i = state.get(spec.role, 0)
-                args.append(inputs[spec.role][i])
-                state[spec.role] = i + 1
-            else:
-                args.append(inputs[spec.role])
+            value = inputs[spec.role]
+            if isinstance(value, (list, tuple)):
+                i = seen.get(spec.role, 0)
+                value = value[i]
+                seen[spec.role] = i + 1
+            args.append(value)
         return fn(*args)

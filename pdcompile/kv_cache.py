@@ -42,19 +42,23 @@ class Sequences:
     pos: torch.Tensor  # [B] position of the next token each row will feed
     caches: list[torch.Tensor] | None = None  # contiguous cache: [B, H, T, D] per layer (k, v)
     blocks: list[list[int]] | None = None  # paged cache: the blocks each row owns, in position order
+    # paged: ``blocks`` of every KV group (full attention first, then each sliding window);
+    # a sliding group's entry is 0 where the block left the window and went back to the pool
+    group_blocks: list[list[list[int]]] | None = None
+    dropped: list[list[int]] | None = None  # paged, per group and row: leading blocks given back
     reused: list[int] = field(default_factory=list)  # prompt tokens served by the prefix cache, per row
     finished: bool = False
-    table: torch.Tensor | None = None  # paged: block_table as last sent to the graphs
+    table: list[torch.Tensor] | None = None  # paged: each group's block_table as last sent to the graphs
     table_key: tuple = ()  # paged: blocks per row when ``table`` was built
 
 
 class _DecodeBuffers:
     """Persistent decode inputs of one batch size: what a CUDA-graph bucket would capture."""
 
-    def __init__(self, batch: int, device):
+    def __init__(self, batch: int, device, groups: int = 1):
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slots = [torch.zeros(batch, dtype=torch.long, device=device) for _ in range(groups)]  # per KV group
 
 
 class ContiguousKV:
@@ -70,7 +74,7 @@ class ContiguousKV:
             self._decode[batch] = _DecodeBuffers(batch, self.device)
         return self._decode[batch]
 
-    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
+    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, reuse: bool = True) -> Sequences:
         """Reserve cache room for prompts ``ids`` (right-padded) plus ``max_new_tokens``."""
         cap = -(-(int(lengths.max()) + max_new_tokens) // _CAPACITY_STEP) * _CAPACITY_STEP
         cap = max(2, min(cap, self.max_seq_len))
@@ -112,6 +116,17 @@ class ContiguousKV:
         return {}
 
 
+class _Group:
+    """The layers that attend to one window (0: every position): one block pool, one table."""
+
+    def __init__(self, window: int, pool: BlockPool):
+        self.window, self.pool = window, pool
+
+    def first_needed(self, pos: int, block_size: int) -> int:
+        """Index of the first block a query at ``pos`` or later can still read."""
+        return max(0, pos - self.window + 1) // block_size if self.window else 0
+
+
 class PagedKV(ContiguousKV):
     """The same calls on a pool of fixed-size blocks shared by all sequences.
 
@@ -119,6 +134,12 @@ class PagedKV(ContiguousKV):
     per-batch caches. With ``prefix_cache``, full blocks of a prompt already in the pool
     (same tokens at the same positions, see kv_pool.py) are reused and only the rest of
     the prompt is computed, by the extend graph.
+
+    Sliding-window layers form a group of their own (one per window): their blocks come
+    from their own pool as positions advance (not reserved up front) and go back to it once
+    no later query can see them; the table then points those positions at scratch block 0,
+    which the window mask hides. So a sliding layer holds at most
+    ``ceil(window / block_size) + 1`` blocks per row after prefill, however long the row grows.
     """
 
     paged = True
@@ -128,28 +149,61 @@ class PagedKV(ContiguousKV):
         super().__init__(geometry, device, max_seq_len)
         self.block_size = block_size
         self.prefix_cache = prefix_cache
-        self.pool = BlockPool(num_blocks, block_size, geometry.bytes_per_token() * block_size)
+        windows = geometry.kv_windows()
+        item = torch.empty((), dtype=geometry.dtype).element_size()
+        self.groups = []
+        for w in sorted(set(windows)):  # the signature's table order (phase.PhaseSignature.paged)
+            per_block = sum(h * d for (h, d), cw in zip(geometry.kv_shapes(), windows) if cw == w) * item * block_size
+            self.groups.append(_Group(w, BlockPool(num_blocks, block_size, per_block)))
+        self.pool = self.groups[0].pool  # the full-attention layers' pool when the model has any
         # per layer k, v: [num_blocks, block_size, H, D], zeros (never NaN: masked slots still
         # enter the attention matmul with weight 0)
         self.pools = [torch.zeros(num_blocks, block_size, heads, dim, dtype=geometry.dtype, device=device)
                       for heads, dim in geometry.kv_shapes()]
 
+    def buffers(self, batch: int) -> _DecodeBuffers:
+        if batch not in self._decode:
+            self._decode[batch] = _DecodeBuffers(batch, self.device, len(self.groups))
+        return self._decode[batch]
+
     def stats(self) -> dict:
-        return {**self.pool.stats(), "bytes": sum(p.numel() * p.element_size() for p in self.pools)}
+        out = {**self.pool.stats(), "bytes": sum(p.numel() * p.element_size() for p in self.pools)}
+        if len(self.groups) > 1 or self.groups[0].window:
+            out["windows"] = {g.window: g.pool.stats() for g in self.groups}
+        return out
 
-    def _ensure(self, seqs: Sequences, row: int, upto: int) -> None:
-        """Row ``row`` owns blocks covering positions 0..upto-1."""
-        need = -(-upto // self.block_size) - len(seqs.blocks[row])
-        if need > 0:
-            seqs.blocks[row].extend(self.pool.allocate(need))
+    def _ensure(self, seqs: Sequences, row: int, upto: int, sliding: bool = True) -> None:
+        """Row ``row`` owns blocks covering positions 0..upto-1 (sliding groups too unless ``sliding=False``)."""
+        want = -(-upto // self.block_size)
+        for group, blocks in zip(self.groups, seqs.group_blocks):
+            if group.window and not sliding:
+                continue
+            need = want - len(blocks[row])
+            if need > 0:
+                blocks[row].extend(group.pool.allocate(need))
 
-    def _table(self, seqs: Sequences) -> torch.Tensor:
-        """block_table [B, M] (unused entries: scratch block 0); rebuilt only when a row got new blocks."""
-        key = tuple(len(b) for b in seqs.blocks)
+    def _drop_out_of_window(self, seqs: Sequences, row: int, pos: int) -> None:
+        """Give back the sliding groups' blocks no query at ``pos`` or later can read."""
+        for group, blocks, dropped in zip(self.groups, seqs.group_blocks, seqs.dropped):
+            if not group.window:
+                continue
+            upto = min(group.first_needed(pos, self.block_size), len(blocks[row]))
+            for j in range(dropped[row], upto):
+                if blocks[row][j]:
+                    group.pool.release([blocks[row][j]])
+                    blocks[row][j] = 0
+            dropped[row] = max(dropped[row], upto)
+
+    def _tables(self, seqs: Sequences) -> list[torch.Tensor]:
+        """block_table [B, M] per group (unused or dropped entries: scratch block 0), one width for
+        all groups (the graphs share the dimension); rebuilt only when a row's blocks changed."""
+        key = tuple((len(b), d) for blocks, dropped in zip(seqs.group_blocks, seqs.dropped)
+                    for b, d in zip(blocks, dropped))
         if seqs.table is None or key != seqs.table_key:
-            width = max(key)
-            rows = [b + [0] * (width - len(b)) for b in seqs.blocks]
-            seqs.table, seqs.table_key = torch.tensor(rows, dtype=torch.long, device=self.device), key
+            width = max(len(b) for blocks in seqs.group_blocks for b in blocks)
+            seqs.table = [torch.tensor([b + [0] * (width - len(b)) for b in blocks], dtype=torch.long,
+                                       device=self.device) for blocks in seqs.group_blocks]
+            seqs.table_key = key
         return seqs.table
 
     def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -157,18 +211,44 @@ class PagedKV(ContiguousKV):
         blocks = table.gather(1, (positions // self.block_size).reshape(table.shape[0], -1))
         return (blocks * self.block_size).reshape(positions.shape) + positions % self.block_size
 
-    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
-        seqs = Sequences(ids.contiguous(), lengths, lengths.clone(), blocks=[[] for _ in range(ids.shape[0])])
+    def _lookup(self, hashes: list[bytes]) -> list[list[int]]:
+        """Each group's blocks for the longest cached prefix every group can serve (references taken).
+
+        A full-attention group needs every block of the prefix; a sliding group only the blocks
+        the first new token can still see (the others may long have been given back).
+        """
+        count = len(hashes)
+        for group in self.groups:
+            if not group.window:  # the longest cached prefix
+                count = next((i for i, h in enumerate(hashes[:count]) if not group.pool.cached(h)), count)
+            while count and not all(group.pool.cached(h) for h in
+                                    hashes[group.first_needed(count * self.block_size, self.block_size):count]):
+                count -= 1
+        out = []
+        for group in self.groups:
+            first = group.first_needed(count * self.block_size, self.block_size)
+            out.append([0] * first + group.pool.lookup(hashes[first:count]))
+        return out
+
+    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, reuse: bool = True) -> Sequences:
+        """``reuse=False``: compute every prompt position (no prefix-cache lookup)."""
+        batch = ids.shape[0]
+        group_blocks = [[[] for _ in range(batch)] for _ in self.groups]
+        seqs = Sequences(ids.contiguous(), lengths, lengths.clone(), blocks=group_blocks[0], group_blocks=group_blocks,
+                         dropped=[[0] * batch for _ in self.groups])
         try:
             for row, n in enumerate(lengths.tolist()):
-                reused = []
-                if self.prefix_cache:
+                reused = 0
+                if self.prefix_cache and reuse:
                     # keep at least one prompt token to compute: it yields the first logits
                     hashes = block_hashes(ids[row, :n].cpu().numpy(), self.block_size, n - 1)
-                    reused = self.pool.lookup(hashes)
-                seqs.blocks[row] = list(reused)
-                seqs.reused.append(len(reused) * self.block_size)
-                self._ensure(seqs, row, n + max_new_tokens)
+                    for blocks, dropped, hit in zip(group_blocks, seqs.dropped, self._lookup(hashes)):
+                        blocks[row] = hit
+                        dropped[row] = hit.count(0)  # a sliding group's leading blocks left its window
+                    reused = len(group_blocks[0][row])
+                seqs.reused.append(reused * self.block_size)
+                self._ensure(seqs, row, n + max_new_tokens, sliding=False)  # full layers: reserve it all
+                self._ensure(seqs, row, n)  # sliding layers: the prompt now, the rest as it comes
         except Exception:
             self.finish(seqs)
             raise
@@ -176,15 +256,15 @@ class PagedKV(ContiguousKV):
 
     def prefill_inputs(self, seqs: Sequences, phase: str) -> tuple[str, dict]:
         """The prompt's uncached tokens, right-padded; padding writes go to scratch block 0."""
-        table = self._table(seqs)
+        tables = self._tables(seqs)
         start = torch.tensor(seqs.reused, dtype=torch.long, device=self.device)
         count = seqs.lengths.to(self.device) - start  # new tokens per row (>= 1)
         offsets = torch.arange(int(count.max()), device=self.device).unsqueeze(0)
         valid = offsets < count.unsqueeze(1)
         positions = torch.where(valid, start.unsqueeze(1) + offsets, 0)  # [B, S]
         ids = torch.where(valid, seqs.ids.gather(1, positions.clamp(max=seqs.ids.shape[1] - 1)), 0)
-        slots = torch.where(valid, self._slots(table, positions), 0)
-        inputs = {Role.TOKENS: ids, Role.LAST_IDX: count - 1, Role.BLOCK_TABLE: table, Role.SLOT_MAPPING: slots,
+        slots = [torch.where(valid, self._slots(table, positions), 0) for table in tables]
+        inputs = {Role.TOKENS: ids, Role.LAST_IDX: count - 1, Role.BLOCK_TABLE: tables, Role.SLOT_MAPPING: slots,
                   Role.POOL: self.pools}
         if phase == "prefill" and any(seqs.reused):
             inputs[Role.POSITIONS] = start
@@ -192,32 +272,41 @@ class PagedKV(ContiguousKV):
         return phase, inputs
 
     def after_prefill(self, seqs: Sequences) -> None:
-        """Make the prompt's full blocks findable by later prompts (prefix caching)."""
-        if not self.prefix_cache:
-            return
+        """Make the prompt's full blocks findable by later prompts (prefix caching), then give back
+        what left a sliding window (cached blocks stay findable until their space is needed)."""
         for row, n in enumerate(seqs.lengths.tolist()):
-            hashes = block_hashes(seqs.ids[row, :n].cpu().numpy(), self.block_size, n)
-            for block, h in zip(seqs.blocks[row], hashes):
-                self.pool.register(block, h)
+            if self.prefix_cache:
+                hashes = block_hashes(seqs.ids[row, :n].cpu().numpy(), self.block_size, n)
+                for group, blocks in zip(self.groups, seqs.group_blocks):
+                    for block, h in zip(blocks[row], hashes):
+                        if block:
+                            group.pool.register(block, h)
+            self._drop_out_of_window(seqs, row, n)
 
     def decode_inputs(self, seqs: Sequences, tokens: torch.Tensor) -> dict:
         positions = seqs.pos.tolist()
         if max(positions) + 1 > self.max_seq_len:
             raise CapacityError(f"sequence would exceed max_seq_len={self.max_seq_len}")
         for row, p in enumerate(positions):
-            if p // self.block_size >= len(seqs.blocks[row]):  # forward() continues without a reservation
+            # forward() continues without a reservation; sliding layers take blocks as they go
+            if any(p // self.block_size >= len(blocks[row]) for blocks in seqs.group_blocks):
                 self._ensure(seqs, row, p + 1)
-        table = self._table(seqs)
+            if len(self.groups) > 1 or self.groups[0].window:
+                self._drop_out_of_window(seqs, row, p)
+        tables = self._tables(seqs)
         buf = self.buffers(len(positions))
         buf.ids.copy_(tokens.reshape(-1, 1))
         buf.pos.copy_(seqs.pos)
-        buf.slots.copy_(self._slots(table, seqs.pos))
-        return {Role.TOKENS: buf.ids, Role.POSITIONS: buf.pos, Role.BLOCK_TABLE: table, Role.SLOT_MAPPING: buf.slots,
+        for slots, table in zip(buf.slots, tables):
+            slots.copy_(self._slots(table, seqs.pos))
+        return {Role.TOKENS: buf.ids, Role.POSITIONS: buf.pos, Role.BLOCK_TABLE: tables, Role.SLOT_MAPPING: buf.slots,
                 Role.POOL: self.pools}
 
     def finish(self, seqs: Sequences) -> None:
-        if not seqs.finished and seqs.blocks is not None:
-            self.last_batch_bytes = sum(len(b) for b in seqs.blocks) * self.pool.bytes_per_block
-            for blocks in seqs.blocks:
-                self.pool.release(blocks)
+        if not seqs.finished and seqs.group_blocks is not None:
+            self.last_batch_bytes = sum(sum(1 for b in row if b) * g.pool.bytes_per_block
+                                        for g, blocks in zip(self.groups, seqs.group_blocks) for row in blocks)
+            for group, blocks in zip(self.groups, seqs.group_blocks):
+                for row in blocks:
+                    group.pool.release([b for b in row if b])
         seqs.finished = True

@@ -101,6 +101,9 @@ class BlockPool:
             self.refs[block] += 1
         return hit
 
+    def cached(self, h: bytes) -> bool:
+        return h in self.block_of
+
     def register(self, block: int, h: bytes) -> None:
         """Make a full, never-again-written block findable by its hash."""
         if h in self.block_of or block in self.hash_of:

@@ -177,7 +177,9 @@ DIM = Leaf("int >= 0 or a dimension name", lambda v: (type(v) is int and v >= 0)
 DEVICE = Leaf("a device such as 'cpu' or 'cuda:0'",
               lambda v: isinstance(v, str) and re.fullmatch(r"(cpu|cuda|xpu|mps)(:[0-9]+)?", v) is not None)
 
-TENSOR = {"name": STRING, "role": one_of(*ROLES), "dtype": STRING, "shape": ListOf(DIM)}
+TENSOR = {"name": STRING, "role": one_of(*ROLES), "dtype": STRING, "shape": ListOf(DIM),
+          # paged inputs of sliding-window layers: their window (absent: full attention)
+          "window": OptionalKey(integer(1))}
 PHASE = {
     "files": ListOf(PATH, min_len=1),
     # the phase's PhaseSignature (pdcompile/phase.py): what the engine takes and returns, by role
@@ -196,7 +198,8 @@ SCHEMA = {
     "limits": {"max_batch_size": integer(1), "max_seq_len": integer(2), "vocab_size": integer(1)},
     "cache": {
         "dtype": one_of(*DTYPES),
-        "layers": ListOf({"kv_heads": integer(1), "head_dim": integer(1), "v_head_dim": integer(1)}, min_len=1),
+        "layers": ListOf({"kv_heads": integer(1), "head_dim": integer(1), "v_head_dim": integer(1),
+                           "window": OptionalKey(integer(0))}, min_len=1),
         "paged": BOOL,
         "block_size": Nullable(integer(1)),
     },

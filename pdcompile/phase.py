@@ -18,6 +18,7 @@ Shapes name their dynamic dimensions; integers are static::
 
     paged: cache_i -> block_table[batch, blocks_per_seq], slot_mapping[batch(, seq)],
                       pool_i[pool_blocks, block_size, H, D]
+           (one block_table/slot_mapping pair per distinct sliding window, see paged())
 """
 
 from __future__ import annotations
@@ -52,14 +53,21 @@ class TensorSpec:
     role: Role
     dtype: torch.dtype
     shape: tuple  # str: a dynamic dimension (see DIMS); int: static
+    # KV inputs of sliding-window layers: the window their attention reads (0: every position).
+    # Paged: each window has its own block table and slot mapping, so blocks that left the
+    # window can go back to the pool.
+    window: int = 0
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "role": self.role.value, "dtype": str(self.dtype).replace("torch.", ""),
-                "shape": list(self.shape)}
+        d = {"name": self.name, "role": self.role.value, "dtype": str(self.dtype).replace("torch.", ""),
+             "shape": list(self.shape)}
+        if self.window:
+            d["window"] = self.window
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TensorSpec":
-        return cls(d["name"], Role(d["role"]), getattr(torch, d["dtype"]), tuple(d["shape"]))
+        return cls(d["name"], Role(d["role"]), getattr(torch, d["dtype"]), tuple(d["shape"]), d.get("window", 0))
 
 
 @dataclass(frozen=True)
@@ -109,23 +117,37 @@ class PhaseSignature:
         ids = TensorSpec("input_ids", Role.TOKENS, torch.int64, ("batch", spec.query))
         rows = tuple(TensorSpec(_row_input_name(phase, r), r, torch.int64, ("batch",)) for r in spec.row_inputs)
         caches = tuple(
-            TensorSpec(f"caches_{i}", Role.CACHE, geometry.dtype, ("batch", heads, "capacity", dim))
-            for i, (heads, dim) in enumerate(geometry.kv_shapes())
+            TensorSpec(f"caches_{i}", Role.CACHE, geometry.dtype, ("batch", heads, "capacity", dim), window)
+            for i, ((heads, dim), window) in enumerate(zip(geometry.kv_shapes(), geometry.kv_windows()))
         )
         logits = TensorSpec("logits", Role.LOGITS, geometry.dtype, spec.logits)
         return cls(phase, (ids, *rows, *caches), (logits,))
 
     def paged(self, block_size: int) -> "PhaseSignature":
-        """Caches -> block table, slot mapping and one pool per cache (the paged_kv pass)."""
+        """Caches -> one pool per cache, and a block table and slot mapping per window (the paged_kv pass).
+
+        Layers of one window share a table (full-attention layers: window 0, listed first); a
+        sliding window's table drops blocks that left the window, so the tables differ.
+        """
         query = PHASES[self.phase].query
         plain = tuple(s for s in self.inputs if s.role not in STATE_ROLES)
-        table = TensorSpec("block_table", Role.BLOCK_TABLE, torch.int64, ("batch", "blocks_per_seq"))
-        slots = TensorSpec("slot_mapping", Role.SLOT_MAPPING, torch.int64, ("batch",) if query == 1 else ("batch", query))
+        caches = self.of(Role.CACHE)
+        groups = []
+        for w in sorted({s.window for s in caches}):
+            suffix = f"_w{w}" if w else ""
+            groups += [TensorSpec(f"block_table{suffix}", Role.BLOCK_TABLE, torch.int64, ("batch", "blocks_per_seq"), w),
+                       TensorSpec(f"slot_mapping{suffix}", Role.SLOT_MAPPING, torch.int64,
+                                  ("batch",) if query == 1 else ("batch", query), w)]
         pools = tuple(
-            TensorSpec(f"pool_{i}", Role.POOL, s.dtype, ("pool_blocks", block_size, s.shape[1], s.shape[3]))
-            for i, s in enumerate(self.of(Role.CACHE))
+            TensorSpec(f"pool_{i}", Role.POOL, s.dtype, ("pool_blocks", block_size, s.shape[1], s.shape[3]), s.window)
+            for i, s in enumerate(caches)
         )
-        return replace(self, inputs=(*plain, table, slots, *pools))
+        return replace(self, inputs=(*plain, *groups, *pools))
+
+    @property
+    def windows(self) -> list[int]:
+        """The KV groups' windows, in the order of their block tables (paged) or caches' first use."""
+        return sorted({s.window for s in self.inputs if s.role in STATE_ROLES})
 
     # ------------------------------------------------------------------ queries
     def of(self, role: Role) -> list[TensorSpec]:

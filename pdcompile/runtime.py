@@ -92,10 +92,11 @@ class Runner:
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size - 1}]")
 
     # ------------------------------------------------------------------ batch lifecycle
-    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int) -> Sequences:
-        """Reserve cache room for prompts ``ids`` (right-padded) plus ``max_new_tokens``."""
+    def start(self, ids: torch.Tensor, lengths: torch.Tensor, max_new_tokens: int, reuse: bool = True) -> Sequences:
+        """Reserve cache room for prompts ``ids`` (right-padded) plus ``max_new_tokens``
+        (``reuse=False``: no prefix-cache hit, every prompt position is computed)."""
         self.check_request(ids.shape[0], int(lengths.max()), max_new_tokens)
-        return self.kv.start(ids, lengths, max_new_tokens)
+        return self.kv.start(ids, lengths, max_new_tokens, reuse)
 
     def prefill(self, seqs: Sequences, phase: str = "prefill") -> torch.Tensor:
         phase, inputs = self.kv.prefill_inputs(seqs, phase)
@@ -325,12 +326,12 @@ class OptimizedModel:
     def _forward_prefill(self, input_ids, attention_mask, logits_to_keep):
         ids_rp, lengths = pack_left_padded(input_ids, attention_mask)
         batch, width = input_ids.shape
-        seqs = self.runner.start(ids_rp, lengths, 1)
+        # every position's logits (score graph): compute the whole prompt, no prefix-cache hit
+        seqs = self.runner.start(ids_rp, lengths, 1, reuse=logits_to_keep == 1)
         cache = PdcompileCache(self.runner, seqs)  # owns the blocks from here on
         if logits_to_keep == 1:
             logits = self.runner.prefill(seqs).unsqueeze(1)
         else:
-            seqs.reused = [0] * batch  # every position's logits: compute the whole prompt
             packed = self.runner.prefill(seqs, phase="score")  # [B, S, V], right-padded
             logits = packed.new_zeros(batch, width, packed.shape[-1])
             seq = packed.shape[1]

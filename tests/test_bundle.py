@@ -54,7 +54,7 @@ def test_bundle_contents(bundle):
     assert manifest["backend"] == backend and manifest["format_version"] == 1
     assert {"prefill" + ext, "decode" + ext, "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["versions"]["torch"] == torch.__version__
-    assert manifest["cache"]["layers"][0] == {"kv_heads": 2, "head_dim": 16, "v_head_dim": 16}
+    assert manifest["cache"]["layers"][0] == {"kv_heads": 2, "head_dim": 16, "v_head_dim": 16, "window": 0}
     decode_inputs = manifest["phases"]["decode"]["signature"]["inputs"]
     assert decode_inputs[1]["name"] == "pos" and decode_inputs[1]["role"] == "positions"
     assert not any(f.endswith((".pkl", ".pt", ".bin", ".pth")) for f in manifest["files"])

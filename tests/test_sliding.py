@@ -107,3 +107,61 @@ def test_windows_reach_the_attention_op():
         gm = fast.graphs[phase].gm
         windows = [n.args[window_arg[n.target]] for n in gm.graph.nodes if n.target in window_arg]
         assert windows == [0, 0, WINDOW, WINDOW], (phase, windows)
+
+
+class _PoolWatch(tf.StoppingCriteria):
+    """Records each KV group's blocks in use after every step (never stops generation)."""
+
+    def __init__(self, kv):
+        self.kv, self.in_use = kv, []
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.in_use.append({w: s["in_use"] for w, s in self.kv.stats()["windows"].items()})
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+@pytest.mark.parametrize("family,backend", [("qwen2-hybrid", "eager"), ("mistral", "onnxruntime")])
+def test_sliding_layers_give_blocks_back(family, backend):
+    """A sliding layer holds at most ceil(window / block) + 1 blocks per row once its prompt is in,
+    however long the row grows; full-attention layers keep every block; tokens stay HF's."""
+    model, fast = _optimized(family, backend)
+    kv = fast.runner.kv
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, V, (2, 40), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :30] = 0  # rows of 40 and 10 real tokens
+    ids = ids.masked_fill(mask == 0, 0)
+    watch = _PoolWatch(kv)
+    new = 5 * WINDOW  # 40 + 80 tokens: within max_seq_len=128
+    out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, stopping_criteria=[watch], **KW)
+    assert torch.equal(out, model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, **KW))
+    bound = 2 * (-(-WINDOW // kv.block_size) + 1)  # two rows
+    assert max(step[WINDOW] for step in watch.in_use) <= bound
+    if 0 in watch.in_use[-1]:  # full layers: every block of both rows, reserved up front
+        assert watch.in_use[-1][0] == -(-(40 + new) // kv.block_size) + -(-(10 + new) // kv.block_size)
+    assert all(s["in_use"] == 0 for s in kv.stats()["windows"].values())  # all back after the call
+
+
+def test_sliding_pool_refuses_a_mismatched_window():
+    """The signature carries each pool's window; a table per window, full layers first."""
+    _, fast = _optimized("qwen2-hybrid", "eager")
+    sig = fast.graphs["decode"].ctx.signature
+    from pdcompile.phase import Role
+
+    assert [s.window for s in sig.of(Role.BLOCK_TABLE)] == [0, WINDOW]
+    assert [s.window for s in sig.of(Role.POOL)] == [0] * 4 + [WINDOW] * 4
+    assert sig.windows == [0, WINDOW]
+
+
+def test_sliding_bundle_round_trip(tmp_path):
+    """The windows travel in the bundle (cache.layers, the phase signatures): a loaded hybrid model
+    keeps one table per window, gives sliding blocks back and generates HF's tokens."""
+    model, fast = _optimized("qwen2-hybrid", "eager")
+    path = pdcompile.export(fast, tmp_path / "hybrid", backend="onnxruntime")
+    loaded = pdcompile.load(path)
+    assert [g.window for g in loaded.runner.kv.groups] == [0, WINDOW]
+    ids = torch.randint(3, V, (1, 30), generator=torch.Generator().manual_seed(4))
+    watch = _PoolWatch(loaded.runner.kv)
+    out = loaded.generate(input_ids=ids, max_new_tokens=3 * WINDOW, stopping_criteria=[watch], **KW)
+    assert torch.equal(out, model.generate(input_ids=ids, max_new_tokens=3 * WINDOW, **KW))
+    assert max(step[WINDOW] for step in watch.in_use) <= -(-WINDOW // loaded.runner.kv.block_size) + 1

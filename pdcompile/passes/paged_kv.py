@@ -23,6 +23,12 @@ than the canonical attention is gathered into a ``[B, H, M * block_size, D]`` vi
 lengths share one pool without padding, blocks can be shared between sequences that
 start with the same tokens (prefix caching), and the pool outlives a call.
 
+Sliding-window layers (their window comes with the cache's spec, from the config) get a
+block table and slot mapping of their own, one pair per window: the runtime hands such a
+table scratch block 0 for blocks that left the window and gives those blocks back to the
+pool, so a sliding layer holds about ``window`` tokens of KV however long the sequence
+grows. Its attention must read exactly that window (checked).
+
 Matches the three cache writes the capture produces (``index_copy_`` of a prompt,
 ``index_put_`` of one token per row, ``index_put_`` of S tokens per row) and declines
 (no rewrite at all) if a cache is read any other way. Padding positions of a batch
@@ -95,23 +101,28 @@ def paged_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
     kind = kinds.pop()
 
     new_sig = sig.paged(block_size)
-    table_spec, slots_spec = new_sig.of(Role.BLOCK_TABLE)[0], new_sig.of(Role.SLOT_MAPPING)[0]
     mode = torch._guards.detect_fake_mode([val(ids)])
     batch = val(ids).shape[0]
     blocks_per_seq = _new_dim(mode, "kv_blocks_per_seq", 5)
     num_blocks = _new_dim(mode, "kv_pool_blocks", 37)
-    last_plain = [n for n, spec in zip(graph.find_nodes(op="placeholder"), sig.inputs) if spec.role is not Role.CACHE][-1]
-    with graph.inserting_after(last_plain):
-        slot_mapping = graph.placeholder(slots_spec.name)
-    with graph.inserting_after(last_plain):
-        block_table = graph.placeholder(table_spec.name)
-    with mode:
-        block_table.meta["val"] = torch.empty(batch, blocks_per_seq, dtype=torch.long, device=val(ids).device)
-        smap_shape = (batch,) if kind == "token" else (batch, val(ids).shape[1])
-        slot_mapping.meta["val"] = torch.empty(smap_shape, dtype=torch.long, device=val(ids).device)
+    # one (block_table, slot_mapping) pair per window, in the signature's order
+    anchor = [n for n, spec in zip(graph.find_nodes(op="placeholder"), sig.inputs) if spec.role is not Role.CACHE][-1]
+    tables, slot_maps = {}, {}
+    for table_spec, slots_spec in zip(new_sig.of(Role.BLOCK_TABLE), new_sig.of(Role.SLOT_MAPPING)):
+        with graph.inserting_after(anchor):
+            table = graph.placeholder(table_spec.name)
+        with graph.inserting_after(table):
+            slots = graph.placeholder(slots_spec.name)
+        with mode:
+            table.meta["val"] = torch.empty(batch, blocks_per_seq, dtype=torch.long, device=val(ids).device)
+            smap_shape = (batch,) if kind == "token" else (batch, val(ids).shape[1])
+            slots.meta["val"] = torch.empty(smap_shape, dtype=torch.long, device=val(ids).device)
+        tables[table_spec.window], slot_maps[slots_spec.window] = table, slots
+        anchor = slots
 
-    pool_of = {}  # gathered full-cache view -> the pool it reads (after this step's write)
+    pool_of = {}  # gathered full-cache view -> (the pool it reads after this step's write, its block table)
     for (cache, write), pool_spec in zip(plans.items(), new_sig.of(Role.POOL)):
+        block_table, slot_mapping = tables[pool_spec.window], slot_maps[pool_spec.window]
         cv = val(cache)
         heads, dim = int(cv.shape[1]), int(cv.shape[3])
         with graph.inserting_before(cache):
@@ -136,29 +147,41 @@ def paged_kv(gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
                 flat = graph.call_function(aten.reshape.default, (gathered, [b_sym, -1, heads, dim]))
                 full = graph.call_function(aten.transpose.int, (flat, 1, 2))
                 write.replace_all_uses_with(full)
-                pool_of[full] = new_write
+                pool_of[full] = (new_write, block_table, pool_spec.window)
         graph.erase_node(write)
         graph.erase_node(cache)
-    paged = _to_paged_attention(graph, pool_of, block_table)
+    paged = _to_paged_attention(graph, pool_of)
+    if isinstance(paged, str):
+        raise PagedWindowError(paged)
     detail = f"{len(plans)} caches -> pools of {block_size}-token blocks ({kind} writes)"
     if paged:
         detail += f"; {paged} attention(s) read the pools through the block table"
     return PassResult(gm, len(plans), detail, signature=new_sig)
 
 
-def _to_paged_attention(graph: torch.fx.Graph, pool_of: dict, block_table: torch.fx.Node) -> int:
+class PagedWindowError(RuntimeError):
+    """A sliding layer's attention reads a different window than its config gives."""
+
+
+def _to_paged_attention(graph: torch.fx.Graph, pool_of: dict) -> int | str:
     """``attention(q, gather(k_pool), gather(v_pool), ...)`` -> ``paged_attention(q, k_pool, v_pool, block_table, ...)``.
 
     The gathers then die (the manager's DCE): the canonical op says where keys live and each
     backend reads them its own way. Attention over anything else is left as it is.
+    A sliding layer's table forgets blocks that left the config's window, so its attention
+    must read exactly that window; any other window is an error, not a silent wrong answer.
     """
     done = 0
     for node in list(graph.nodes):
         if node.target is not ATTENTION or node.args[1] not in pool_of or node.args[2] not in pool_of:
             continue
         q, k, v, q_pos, scale, window = (list(node.args) + [0])[:6]
+        (k_pool, table, k_window), (v_pool, _, _) = pool_of[k], pool_of[v]
+        if k_window and window != k_window:
+            return (f"{node.name} attends to a window of {window or 'all'} positions over a cache whose layer "
+                    f"the config gives a sliding window of {k_window}")
         with graph.inserting_before(node):
-            new = graph.call_function(PAGED_ATTENTION, (q, pool_of[k], pool_of[v], block_table, q_pos, scale, window))
+            new = graph.call_function(PAGED_ATTENTION, (q, k_pool, v_pool, table, q_pos, scale, window))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)
