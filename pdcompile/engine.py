@@ -656,3 +656,54 @@ class Engine:
         params_list = params if isinstance(params, list) else [params] * len(prompts)
         streams = [self.submit(p, sp) for p, sp in zip(prompts, params_list)]
         return [s.result() for s in streams]
+
+
+def generate_batch(model, inputs, generation_config=None, continuous_batching_config=None, record_timestamps=False,
+                   progress_bar=False, persistent_manager=False, warmup=True, *, request_ids, **kwargs) -> dict:
+    """transformers' ``ContinuousMixin.generate_batch`` on the engine (see OptimizedModel.generate_batch)."""
+    from transformers.generation.continuous_batching.requests import GenerationOutput, RequestStatus
+
+    from .generation import resolve_config
+
+    if not inputs:
+        return {}
+    max_new = kwargs.pop("max_new_tokens", None)
+    config, unknown, _ = resolve_config(model.generation_config, generation_config, kwargs)
+    if unknown:
+        raise TypeError(f"generate_batch() got arguments that are not generation config fields: {sorted(unknown)}")
+    max_new = config.max_new_tokens if max_new is None else max_new
+    cb = continuous_batching_config
+    eos = config.eos_token_id if config.eos_token_id is not None else getattr(model.config, "eos_token_id", None)
+    eos = () if eos is None else tuple(t for t in torch.as_tensor(eos).reshape(-1).tolist() if t >= 0)
+    seed = getattr(cb, "seed", None)
+    n = config.num_return_sequences or 1
+    engine = Engine(model, max_num_seqs=getattr(cb, "max_requests_per_batch", None) or None,
+                    max_prefill_tokens=getattr(cb, "max_batch_tokens", None) or 256)
+    streams, counter = [], itertools.count()
+    for prompt in inputs:
+        rid = next(request_ids)
+        # HF's order: the forked children first, then the parent
+        for rid_i in [f"{rid}__child#{i}" for i in range(n - 1)] + [rid]:
+            limit = model.runner.max_seq_len - len(prompt)  # max_new_tokens=None: no limit but the model's
+            sample = bool(config.do_sample)
+            params = SamplingParams(
+                max_tokens=max(1, min(limit, max_new)) if max_new is not None else max(1, limit),
+                temperature=float(config.temperature or 1.0) if sample else 0.0,
+                top_k=int(config.top_k or 0) if sample else 0, top_p=float(config.top_p or 1.0) if sample else 1.0,
+                seed=None if seed is None else seed + next(counter), stop_token_ids=eos, ignore_eos=True,
+                logprobs=bool(getattr(cb, "return_logprobs", False)))
+            streams.append((prompt, engine.submit(list(prompt), params, request_id=rid_i), time.perf_counter()))
+    results = {}
+    for prompt, stream, created in streams:
+        outs, stamps = [], []
+        for out in stream:
+            outs.append(out)
+            stamps.extend([time.perf_counter()] * len(out.token_ids))
+        done = _join(stream.request_id, prompt, outs)
+        error = done.metrics.get("error")
+        results[stream.request_id] = GenerationOutput(
+            request_id=stream.request_id, prompt_ids=list(prompt), generated_tokens=done.token_ids,
+            logprobs=done.logprobs, error=error, status=RequestStatus.FAILED if error else RequestStatus.FINISHED,
+            created_time=created, lifespan=(done.metrics.get("scheduled") or -1, done.metrics.get("finished") or -1),
+            timestamps=stamps if record_timestamps else None)
+    return results

@@ -228,3 +228,36 @@ def test_bad_requests():
         engine.submit([7])
     engine.shutdown(cancel=True)
     assert in_use(engine) == 0
+
+
+def test_generate_batch_matches_hf_generate():
+    hf, fast = optimized("llama", "eager", **OPTIONS)
+    from transformers import GenerationConfig
+    from transformers.generation.continuous_batching import RequestStatus
+
+    ps = prompts(8, (6, 45, 19))
+    config = GenerationConfig(max_new_tokens=9, do_sample=False, eos_token_id=2, pad_token_id=0)
+    out = fast.generate_batch(ps, generation_config=config)
+    keys = list(out)
+    assert len(keys) == 3 and keys[0].startswith("req_") and int(keys[1][4:]) == int(keys[0][4:]) + 1
+    for p, key in zip(ps, keys):
+        assert out[key].prompt_ids == p and out[key].status == RequestStatus.FINISHED and out[key].error is None
+        assert out[key].generated_tokens == reference(hf, p, 9)
+    # kwargs override the config; num_return_sequences forks children, listed before their parent
+    sampled = fast.generate_batch(ps[:1], generation_config=GenerationConfig(do_sample=True, num_return_sequences=2),
+                                  max_new_tokens=4)
+    (child, parent), = [list(sampled)]
+    assert child == f"{parent}__child#0" and all(len(o.generated_tokens) <= 4 for o in sampled.values())
+    assert fast.generate_batch([]) == {}
+
+
+@pytest.mark.slow
+def test_generate_batch_matches_transformers_generate_batch():
+    hf, fast = optimized("llama", "eager", **OPTIONS)
+    from transformers import GenerationConfig
+
+    ps = prompts(9, (7, 40, 66, 12))
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=2, pad_token_id=0)
+    theirs = hf.generate_batch(ps, generation_config=config)
+    ours = fast.generate_batch(ps, generation_config=config)
+    assert [o.generated_tokens for o in ours.values()] == [o.generated_tokens for o in theirs.values()]
