@@ -274,6 +274,12 @@ class Engine:
         self._stop = False
         self.counters = collections.Counter()  # steps, prefix_query_tokens, prefix_hit_tokens, preemptions, ...
 
+    def prepare(self) -> None:
+        """Build the extend graph now (one-time) rather than on the first chunked or cached prompt."""
+        if self.can_extend:
+            with self.lock:
+                self.runner.executor.phase("extend")
+
     # ------------------------------------------------------------------ submitting
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> Stream:
         """Queue ``prompt`` (token ids); returns its output stream. Thread-safe."""
