@@ -365,6 +365,8 @@ def cmd_bench(args) -> int:
     spec = "r1" if args.preset == "r1" else args.model
     with _progress(console, f"loading model {spec}"):
         model, _ = load_model(spec)
+    if args.serve:
+        return _bench_serve(args, spec, model)
     cfg = bench.BenchConfig(
         model=spec, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
         backends=tuple(args.backends), peers=tuple(args.peers), passes_off=not args.no_passes_off,
@@ -423,6 +425,23 @@ def cmd_serve(args) -> int:
     name = args.served_model_name or (path.name if path.exists() else args.model)
     print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
     serve(engine, name, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def _bench_serve(args, spec, model) -> int:
+    from . import serve_bench
+
+    cfg = serve_bench.LoadConfig(model=spec, rates=tuple(args.rates), num_requests=args.num_requests, seed=args.seed,
+                                 systems=tuple(args.systems), backend=args.backend,
+                                 max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    data = serve_bench.run(model, cfg, progress=lambda m: logger.info(m))
+    out = args.json or f"bench-serve-{spec.replace('/', '_')}.json"
+    serve_bench.save_json(data, out)
+    print(serve_bench.markdown_table(data))
+    print(f"\nresults: {out}")
+    if args.plot:
+        serve_bench.plot(data, args.plot)
+        print(f"plots: {args.plot}")
     return 0
 
 
@@ -500,6 +519,16 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="PNG")
+    g = p.add_argument_group("serving under load (--serve; see pdcompile/serve_bench.py)")
+    g.add_argument("--serve", action="store_true",
+                   help="Poisson-arrival load on the engine, transformers' continuous batching, static generate()")
+    g.add_argument("--rates", nargs="*", type=float, default=[0.25, 0.5, 1.0, 2.0, 4.0], help="requests/s")
+    g.add_argument("--num-requests", type=int, default=64, help="requests per rate")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--systems", nargs="*", default=["pdcompile-engine", "hf-continuous-batching", "pdcompile-static"])
+    g.add_argument("--backend", default=None, help="pdcompile's backend for --serve (default: per device)")
+    g.add_argument("--max-batch-size", type=int, default=8)
+    g.add_argument("--max-prefill-tokens", type=int, default=256)
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("serve", help="serve a model or bundle over an OpenAI-compatible HTTP API")
