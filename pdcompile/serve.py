@@ -286,7 +286,10 @@ def create_app(engine: Engine, model_name: str, *, shutdown_timeout: float = 30.
         finally:
             if not finished:  # the client went away (the response task was cancelled): free its blocks
                 logger.info("client disconnected: cancelling %s", rid)
-                asyncio.get_running_loop().run_in_executor(None, engine.cancel, rid)
+                try:  # off the event loop: cancel() waits for a step in flight
+                    asyncio.get_running_loop().run_in_executor(None, engine.cancel, rid)
+                except RuntimeError:  # closed outside the loop (garbage collection)
+                    engine.cancel(rid)
 
     return app
 
