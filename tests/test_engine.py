@@ -261,3 +261,35 @@ def test_generate_batch_matches_transformers_generate_batch():
     theirs = hf.generate_batch(ps, generation_config=config)
     ours = fast.generate_batch(ps, generation_config=config)
     assert [o.generated_tokens for o in ours.values()] == [o.generated_tokens for o in theirs.values()]
+
+
+def test_without_extend_graph_prompts_prefill_whole(pair):
+    """A bundle carries prefill and decode only: prompts are prefilled in one piece, no prefix cache."""
+    from pdcompile.executor import StepExecutor
+
+    hf, fast = pair
+    r = fast.runner
+    phases = {k: v for k, v in r.executor.phases.items() if k in ("prefill", "decode")}
+    kv = PagedKV(r.kv.geometry, r.kv.device, r.kv.max_seq_len, num_blocks=64, block_size=r.kv.block_size,
+                 prefix_cache=True)
+    bundle_like = OptimizedModel(Runner(kv, StepExecutor(phases), r.max_batch_size, r.vocab_size), fast.config,
+                                 fast.generation_config)
+    engine = Engine(bundle_like, max_prefill_tokens=16)
+    assert not engine.can_extend and not engine.prefix_cache
+    ps = prompts(10, (40, 7, 40))
+    ps[2] = ps[0][:32] + ps[2][32:]  # a shared prefix: recomputed, not reused
+    results = engine.generate(ps, SamplingParams(max_tokens=6))
+    assert engine.counters["chunk_rows"] == 3 and engine.counters["prefix_hit_tokens"] == 0
+    for p, res in zip(ps, results):
+        assert res.token_ids == reference(hf, p, 6)
+    assert in_use(engine) == 0
+
+
+@pytest.mark.slow
+def test_engine_on_an_onnx_bundle(tmp_path):
+    hf, fast = optimized("llama", "eager", **OPTIONS)
+    pdcompile.export(fast, tmp_path / "b", backend="onnxruntime")
+    engine = Engine(str(tmp_path / "b"))
+    ps = prompts(11, (30, 9))
+    for p, r in zip(ps, engine.generate(ps, SamplingParams(max_tokens=8))):
+        assert r.token_ids == reference(hf, p, 8)
