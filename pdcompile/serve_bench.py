@@ -216,14 +216,13 @@ def summarize(records: list[Record], cfg: LoadConfig) -> dict:
     return out
 
 
-def run(hf, cfg: LoadConfig, progress=lambda msg: None) -> dict:
-    """Every system at every rate; returns the JSON-able results."""
+def run(hf, cfg: LoadConfig, progress=lambda msg: None, fast=None) -> dict:
+    """Every system at every rate; returns the JSON-able results. ``fast``: ``hf`` already optimized."""
     from . import optimize
 
     vocab = hf.get_input_embeddings().weight.shape[0]
     limit = cfg.prompt_range[1] + cfg.output_range[1]
-    fast = None
-    if any(s.startswith("pdcompile") for s in cfg.systems):
+    if fast is None and any(s.startswith("pdcompile") for s in cfg.systems):
         progress("optimize")
         fast = optimize(hf, backend=cfg.backend, max_batch_size=cfg.max_batch_size,
                         max_seq_len=min(limit, hf.config.max_position_embeddings))

@@ -11,6 +11,8 @@ import math
 import models
 import torch
 
+from conftest import optimized
+
 from pdcompile import bench
 
 
@@ -69,7 +71,8 @@ def test_serve_load_benchmark_smoke(tmp_path):
                                  max_batch_size=4, max_prefill_tokens=32)
     a, b = serve_bench.trace(cfg, 4.0, 256), serve_bench.trace(cfg, 4.0, 256)
     assert a == b and len(a) == 6 and a[0].at == 0 and all(x.at <= y.at for x, y in zip(a, a[1:]))
-    data = serve_bench.run(models.build("llama"), cfg)
+    hf, fast = optimized("llama", "eager", block_size=8)  # shared with test_runtime, test_engine
+    data = serve_bench.run(hf, cfg, fast=fast)
     assert [r["system"] for r in data["results"]] == list(serve_bench.SYSTEMS)
     for r in data["results"]:
         assert r["requests"] == 6 and r["full_outputs"], r["system"]

@@ -20,12 +20,19 @@ from pdcompile.kv_cache import PagedKV
 from pdcompile.runtime import OptimizedModel, Runner
 
 BACKENDS = ["eager", "onnxruntime", pytest.param("inductor", marks=pytest.mark.slow)]
-OPTIONS = dict(max_batch_size=4, block_size=8)
+# shared with test_runtime's block-size test (same compiled graphs); every engine below gets its
+# own pool (with_pool), so block counts are exact whatever other tests left in the model's pool
+OPTIONS = dict(block_size=8)
 
 
 @pytest.fixture(params=BACKENDS, scope="module")
 def pair(request):
     return optimized("llama", request.param, **OPTIONS)
+
+
+def fresh(pair_or_fast, blocks=64):
+    fast = pair_or_fast[1] if isinstance(pair_or_fast, tuple) else pair_or_fast
+    return with_pool(fast, blocks)
 
 
 def prompts(seed, lengths):
@@ -61,7 +68,7 @@ def in_use(engine):
 
 def test_staggered_arrivals_and_chunked_prefill(pair):
     hf, fast = pair
-    engine = Engine(fast, max_prefill_tokens=16, max_num_seqs=3)
+    engine = Engine(fresh(fast), max_prefill_tokens=16, max_num_seqs=3)
     ps = prompts(1, (5, 40, 70, 17, 33))
     streams = [engine.submit(ps[0], SamplingParams(max_tokens=12)), engine.submit(ps[1], SamplingParams(max_tokens=12))]
     for _ in range(3):
@@ -80,7 +87,7 @@ def test_staggered_arrivals_and_chunked_prefill(pair):
 
 def test_shared_prefix_is_computed_once(pair):
     hf, fast = pair
-    engine = Engine(fast, max_prefill_tokens=64)
+    engine = Engine(fresh(fast), max_prefill_tokens=64)
     shared = prompts(2, (32,))[0]
     ps = [shared + tail for tail in prompts(3, (5, 9, 12))]
     first = engine.submit(ps[0], SamplingParams(max_tokens=8)).result()
@@ -94,7 +101,7 @@ def test_shared_prefix_is_computed_once(pair):
 
 def test_cancel_frees_blocks_at_once(pair):
     hf, fast = pair
-    engine = Engine(fast, max_prefill_tokens=64)
+    engine = Engine(fresh(fast), max_prefill_tokens=64)
     ps = prompts(4, (20, 30, 25))
     streams = [engine.submit(p, SamplingParams(max_tokens=40, ignore_eos=True)) for p in ps]
     for _ in range(4):
@@ -127,7 +134,7 @@ def test_tiny_pool_preempts_and_recomputes(pair):
 
 def test_sampling_params(pair):
     hf, fast = pair
-    engine = Engine(fast, tokenizer=models.word_tokenizer())
+    engine = Engine(fresh(fast), tokenizer=models.word_tokenizer())
     p = prompts(6, (12,))[0]
     want = reference(hf, p, 10)
     # top_k=1 samples the argmax
@@ -150,7 +157,7 @@ def test_sampling_params(pair):
 
 def test_threads_and_async(pair):
     hf, fast = pair
-    engine = Engine(fast, max_prefill_tokens=16).start()
+    engine = Engine(fresh(fast), max_prefill_tokens=16).start()
     ps = prompts(7, (9, 31, 14, 22))
     results = {}
 
@@ -197,18 +204,18 @@ def soak(fast, n, seed):
     assert all(r == 0 for r in engine.pool.refs)
 
 
-def test_soak_random_requests_and_cancels(llama_eager):
+def test_soak_random_requests_and_cancels():
     soak(optimized("llama", "eager", **OPTIONS)[1], 100, seed=0)
 
 
 @pytest.mark.slow
-def test_soak_1000(llama_eager):
+def test_soak_1000():
     soak(optimized("llama", "eager", **OPTIONS)[1], 1000, seed=1)
 
 
 def test_bad_requests():
     fast = optimized("llama", "eager", **OPTIONS)[1]
-    engine = Engine(fast, max_queue=2)
+    engine = Engine(fresh(fast), max_queue=2)
     with pytest.raises(ValueError, match="empty prompt"):
         engine.submit([])
     with pytest.raises(ValueError, match="outside the vocabulary"):
@@ -222,7 +229,7 @@ def test_bad_requests():
     with pytest.raises(ValueError, match="tokenizer"):
         engine.submit([5], SamplingParams(stop=["x"]))
     with pytest.raises(ValueError, match="max_num_seqs"):
-        Engine(fast, max_num_seqs=5)
+        Engine(fast, max_num_seqs=9)
     engine.submit([5]), engine.submit([6])
     with pytest.raises(EngineFull):
         engine.submit([7])
@@ -235,6 +242,7 @@ def test_generate_batch_matches_hf_generate():
     from transformers import GenerationConfig
     from transformers.generation.continuous_batching import RequestStatus
 
+    fast = fresh(fast)
     ps = prompts(8, (6, 45, 19))
     config = GenerationConfig(max_new_tokens=9, do_sample=False, eos_token_id=2, pad_token_id=0)
     out = fast.generate_batch(ps, generation_config=config)

@@ -19,7 +19,7 @@ import torch
 
 import models
 from conftest import optimized
-from test_engine import OPTIONS, reference
+from test_engine import OPTIONS, reference, with_pool
 
 openai = pytest.importorskip("openai", reason="the openai client is in the dev extra")
 uvicorn = pytest.importorskip("uvicorn", reason="uvicorn is in the serve extra")
@@ -49,7 +49,7 @@ def words(ids):
 @pytest.fixture(scope="module")
 def server():
     hf, fast = optimized("llama", "eager", **OPTIONS)
-    engine = Engine(fast, tokenizer=tokenizer(), max_prefill_tokens=32)
+    engine = Engine(with_pool(fast, 64), tokenizer=tokenizer(), max_prefill_tokens=32)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
