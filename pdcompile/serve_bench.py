@@ -67,8 +67,11 @@ class Arrival:
     max_tokens: int
 
 
-def trace(cfg: LoadConfig, rate: float, vocab: int) -> list[Arrival]:
-    """The arrivals of one rate; the same seed and rate give the same trace for every system."""
+def trace(cfg: LoadConfig, rate: float, vocab: int, max_len: int | None = None) -> list[Arrival]:
+    """The arrivals of one rate; the same seed and rate give the same trace for every system.
+
+    ``max_len``: the model's limit; longer prompts are cut so that prompt + output fits.
+    """
     rng = np.random.default_rng([cfg.seed, int(rate * 1000)])
     gaps = rng.exponential(1.0 / rate, cfg.num_requests)
     gaps[0] = 0.0
@@ -80,6 +83,8 @@ def trace(cfg: LoadConfig, rate: float, vocab: int) -> list[Arrival]:
     prompts, outputs = lengths(cfg.prompt_median, cfg.prompt_sigma, cfg.prompt_range), \
         lengths(cfg.output_median, cfg.output_sigma, cfg.output_range)
     times = np.cumsum(gaps)
+    if max_len is not None:
+        prompts = np.minimum(prompts, max_len - outputs)
     return [Arrival(float(t), rng.integers(3, vocab, int(p)).tolist(), int(o))
             for t, p, o in zip(times, prompts, outputs)]
 
@@ -221,11 +226,12 @@ def run(hf, cfg: LoadConfig, progress=lambda msg: None, fast=None) -> dict:
     from . import optimize
 
     vocab = hf.get_input_embeddings().weight.shape[0]
-    limit = cfg.prompt_range[1] + cfg.output_range[1]
+    limit = min(cfg.prompt_range[1] + cfg.output_range[1], getattr(hf.config, "max_position_embeddings", 1 << 30))
+    if limit - cfg.output_range[1] < cfg.prompt_range[0]:
+        raise ValueError(f"the model takes {limit} tokens: too few for outputs up to {cfg.output_range[1]}")
     if fast is None and any(s.startswith("pdcompile") for s in cfg.systems):
         progress("optimize")
-        fast = optimize(hf, backend=cfg.backend, max_batch_size=cfg.max_batch_size,
-                        max_seq_len=min(limit, hf.config.max_position_embeddings))
+        fast = optimize(hf, backend=cfg.backend, max_batch_size=cfg.max_batch_size, max_seq_len=limit)
     unknown = set(cfg.systems) - set(SYSTEMS)
     if unknown:
         raise ValueError(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
@@ -244,7 +250,7 @@ def run(hf, cfg: LoadConfig, progress=lambda msg: None, fast=None) -> dict:
             runners[system](warm)  # builds the extend graph, first-call costs
             for rate in cfg.rates:
                 progress(f"{system}: {rate} requests/s, {cfg.num_requests} requests")
-                arrivals = trace(cfg, rate, vocab)
+                arrivals = trace(cfg, rate, vocab, limit)
                 records = runners[system](arrivals)
                 full = all(r.output_tokens == a.max_tokens for r, a in zip(records, arrivals))
                 results.append({"system": system, "rate_rps": rate, **summarize(records, cfg), "full_outputs": full,
