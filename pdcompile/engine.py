@@ -31,6 +31,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import operator
 import os
 import queue
 import threading
@@ -301,12 +302,16 @@ class Engine:
         return f"req_{next(self._ids)}"
 
     def _check(self, prompt, params: SamplingParams) -> list[int]:
-        if isinstance(prompt, torch.Tensor):
+        if isinstance(prompt, torch.Tensor) or type(prompt).__module__ == "numpy":
             prompt = prompt.reshape(-1).tolist()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
-        if not isinstance(prompt, (list, tuple)) or not all(type(t) is int for t in prompt):
-            raise TypeError("prompt must be a list of token ids (ints)")
+        try:  # ints, numpy integers; not floats, bools or strings
+            if not isinstance(prompt, (list, tuple)) or any(isinstance(t, bool) for t in prompt):
+                raise TypeError
+            prompt = [operator.index(t) for t in prompt]
+        except TypeError:
+            raise TypeError("prompt must be a list of token ids (ints)") from None
         if not prompt:
             raise ValueError("empty prompt: every prompt needs at least one token")
         vocab = self.runner.vocab_size
@@ -385,10 +390,8 @@ class Engine:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not cancel:
             while self.has_work() and (deadline is None or time.monotonic() < deadline):
-                if self.running_thread:
+                if self.running_thread or not self.step():
                     time.sleep(0.01)
-                else:
-                    self.step()
         self._stop = True
         self._wake.set()
         if self._thread is not None:

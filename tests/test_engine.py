@@ -301,3 +301,33 @@ def test_engine_on_an_onnx_bundle(tmp_path):
     ps = prompts(11, (30, 9))
     for p, r in zip(ps, engine.generate(ps, SamplingParams(max_tokens=8))):
         assert r.token_ids == reference(hf, p, 8)
+
+
+def test_prompt_types():
+    hf, fast = optimized("llama", "eager", **OPTIONS)
+    engine = Engine(fresh(fast))
+    import numpy as np
+
+    p = prompts(12, (9,))[0]
+    want = reference(hf, p, 4)
+    assert engine.submit(np.array(p), SamplingParams(max_tokens=4)).result().token_ids == want
+    assert engine.submit(torch.tensor(p), SamplingParams(max_tokens=4)).result().token_ids == want
+    for bad in ([1.0, 2.0], "w1 w2", [True, 5]):
+        with pytest.raises(TypeError, match="list of token ids"):
+            engine.submit(bad)
+
+
+def test_decodes_are_not_stalled_by_a_long_prompt(pair):
+    hf, fast = pair
+    engine = Engine(fresh(fast), max_prefill_tokens=16)
+    short, long = prompts(13, (6, 100))
+    a = engine.submit(short, SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.step()  # a's prompt, first token
+    b = engine.submit(long, SamplingParams(max_tokens=3, ignore_eos=True))
+    for step in range(100 // 16 + 1):  # b's prompt in 7 chunks of at most 16 tokens
+        engine.step()
+        assert len(a._queue.queue) == step + 2, "a decoding request must get a token at every step"
+        assert b._queue.empty() == (step < 100 // 16)  # b's first token comes with its last chunk
+    for stream, p, n in ((a, short, 30), (b, long, 3)):
+        got, want = stream.result().token_ids, reference(hf, p, n)  # HF stops at eos; ignore_eos goes on
+        assert len(got) == n and got[:len(want)] == want
