@@ -1,4 +1,4 @@
-"""Command line: ``pdcompile run | inspect | export | generate | verify | bench``."""
+"""Command line: ``pdcompile run | inspect | export | generate | verify | bench | serve``."""
 
 from __future__ import annotations
 
@@ -365,6 +365,8 @@ def cmd_bench(args) -> int:
     spec = "r1" if args.preset == "r1" else args.model
     with _progress(console, f"loading model {spec}"):
         model, _ = load_model(spec)
+    if args.serve:
+        return _bench_serve(args, spec, model)
     cfg = bench.BenchConfig(
         model=spec, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
         backends=tuple(args.backends), peers=tuple(args.peers), passes_off=not args.no_passes_off,
@@ -386,6 +388,59 @@ def cmd_bench(args) -> int:
     print(f"\nresults: {out}")
     if args.plot:
         bench.plot(data, args.plot)
+        print(f"plots: {args.plot}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """Serve a model folder (or smollm2 / r1) or a bundle over an OpenAI-compatible HTTP API."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from . import load, optimize
+    from .engine import Engine
+    from .serve import serve
+
+    console = _console()
+    path = Path(args.model)
+    if (path / "manifest.json").is_file():
+        with _progress(console, f"loading bundle {args.model}"):
+            model = load(path, trust_native_code=args.trust_native_code, public_key=args.public_key)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                tokenizer = None
+    else:
+        with _progress(console, f"loading model {args.model}"):
+            hf, tokenizer = load_model(args.model)
+        with _progress(console, "optimize"), _held_output(args.verbose):
+            model = optimize(hf, backend=args.backend, max_batch_size=args.max_batch_size,
+                             max_seq_len=args.max_seq_len)
+    engine = Engine(model, tokenizer=tokenizer, max_num_seqs=args.max_num_seqs,
+                    max_prefill_tokens=args.max_prefill_tokens, max_queue=args.max_queue)
+    if engine.can_extend:  # chunked prefill and the prefix cache need it: build it before the first request
+        with _progress(console, "building the extend graph"), _held_output(args.verbose):
+            engine.prepare()
+    name = args.served_model_name or (path.name if path.exists() else args.model)
+    print(f"serving {name} on http://{args.host}:{args.port}/v1 (Ctrl-C stops)", flush=True)
+    serve(engine, name, args.host, args.port, shutdown_timeout=args.shutdown_timeout)
+    return 0
+
+
+def _bench_serve(args, spec, model) -> int:
+    from . import serve_bench
+
+    cfg = serve_bench.LoadConfig(model=spec, rates=tuple(args.rates), num_requests=args.num_requests, seed=args.seed,
+                                 systems=tuple(args.systems), backend=args.backend,
+                                 max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    data = serve_bench.run(model, cfg, progress=lambda m: logger.info(m))
+    out = args.json or f"bench-serve-{spec.replace('/', '_')}.json"
+    serve_bench.save_json(data, out)
+    print(serve_bench.markdown_table(data))
+    print(f"\nresults: {out}")
+    if args.plot:
+        serve_bench.plot(data, args.plot)
         print(f"plots: {args.plot}")
     return 0
 
@@ -464,7 +519,34 @@ def main(argv=None) -> int:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="PNG")
+    g = p.add_argument_group("serving under load (--serve; see pdcompile/serve_bench.py)")
+    g.add_argument("--serve", action="store_true",
+                   help="Poisson-arrival load on the engine, transformers' continuous batching, static generate()")
+    g.add_argument("--rates", nargs="*", type=float, default=[0.25, 0.5, 1.0, 2.0, 4.0], help="requests/s")
+    g.add_argument("--num-requests", type=int, default=64, help="requests per rate")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--systems", nargs="*", default=["pdcompile-engine", "hf-continuous-batching", "pdcompile-static"])
+    g.add_argument("--backend", default=None, help="pdcompile's backend for --serve (default: per device)")
+    g.add_argument("--max-batch-size", type=int, default=8)
+    g.add_argument("--max-prefill-tokens", type=int, default=256)
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("serve", help="serve a model or bundle over an OpenAI-compatible HTTP API")
+    p.add_argument("model", help="smollm2, r1, a model folder, or a bundle folder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", default=None, help="eager | inductor | onnxruntime (default: per device)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="the graphs' batch, and the most requests running")
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None, help="most requests running at once")
+    p.add_argument("--max-prefill-tokens", type=int, default=256, help="prompt tokens computed per step (chunk budget)")
+    p.add_argument("--max-queue", type=int, default=256, help="most requests waiting; more get HTTP 503")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds requests in flight get to finish on SIGTERM/SIGINT before they are aborted")
+    p.add_argument("--trust-native-code", action="store_true", help="bundles: allow AOTInductor/TensorRT engines")
+    p.add_argument("--public-key", metavar="KEYFILE", help="bundles: require a signature verified by this key")
+    p.set_defaults(fn=cmd_serve)
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

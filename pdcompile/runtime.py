@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import warnings
@@ -176,6 +177,7 @@ class OptimizedModel:
         self.backend = backend
         self._report = report
         self.last_timings = GenerationTimings()
+        self._batch_ids = (f"req_{i}" for i in itertools.count())  # generate_batch's request ids, as HF numbers them
 
     # ------------------------------------------------------------------ HF surface
     @property
@@ -251,6 +253,27 @@ class OptimizedModel:
                 logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                 streamer=streamer, timings=self.last_timings,
             )
+
+    @torch.no_grad()
+    def generate_batch(self, inputs: list[list[int]], generation_config: GenerationConfig | None = None,
+                       continuous_batching_config=None, record_timestamps: bool = False, progress_bar: bool = False,
+                       persistent_manager: bool = False, warmup: bool = True, **kwargs) -> dict:
+        """transformers' continuous-batching ``generate_batch``, on :class:`pdcompile.Engine`.
+
+        ``inputs``: prompts as lists of token ids. Returns ``{request_id: GenerationOutput}``
+        (transformers' own class) in input order, ids ``req_0``, ``req_1``, ... counted over the
+        model's calls, ``num_return_sequences`` children (``req_0__child#0``) before their parent.
+        Greedy or sampled (``do_sample``, ``temperature``, ``top_k``, ``top_p`` of the generation
+        config), ``max_new_tokens`` (kwarg or config; None: up to ``max_seq_len``), stops at
+        the config's (else the model config's) eos ids, the eos included in ``generated_tokens``.
+        From ``continuous_batching_config``: ``max_batch_tokens`` (the prefill chunk budget),
+        ``max_requests_per_batch``, ``return_logprobs``, ``seed``; its other fields, and
+        ``progress_bar`` / ``persistent_manager`` / ``warmup``, are accepted and ignored.
+        """
+        from .engine import generate_batch
+
+        return generate_batch(self, inputs, generation_config, continuous_batching_config, record_timestamps,
+                              progress_bar, persistent_manager, warmup, request_ids=self._batch_ids, **kwargs)
 
     def _fallback_generate(self, missing, inputs, generation_config, logits_processor, stopping_criteria,
                            prefix_allowed_tokens_fn, synced_gpus, assistant_model, streamer,

@@ -11,6 +11,8 @@ import math
 import models
 import torch
 
+from conftest import optimized
+
 from pdcompile import bench
 
 
@@ -58,3 +60,24 @@ def test_bench_runs_every_system_and_the_kv_experiments(tmp_path):
     assert json.loads(path.read_text())["results"][0]["name"] == names[0]
     bench.plot(data, str(tmp_path / "b.png"))
     assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_serve_load_benchmark_smoke(tmp_path):
+    """`pdcompile bench --serve` machinery on a tiny model: every system serves the same trace in full."""
+    from pdcompile import serve_bench
+
+    cfg = serve_bench.LoadConfig(model="tiny-llama", rates=(4.0,), num_requests=6, prompt_median=20,
+                                 prompt_range=(4, 80), output_median=8, output_range=(2, 16), backend="eager",
+                                 max_batch_size=4, max_prefill_tokens=32)
+    a, b = serve_bench.trace(cfg, 4.0, 256), serve_bench.trace(cfg, 4.0, 256)
+    assert a == b and len(a) == 6 and a[0].at == 0 and all(x.at <= y.at for x, y in zip(a, a[1:]))
+    hf, fast = optimized("llama", "eager", block_size=8)  # shared with test_runtime, test_engine
+    data = serve_bench.run(hf, cfg, fast=fast)
+    assert [r["system"] for r in data["results"]] == list(serve_bench.SYSTEMS)
+    for r in data["results"]:
+        assert r["requests"] == 6 and r["full_outputs"], r["system"]
+        assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
+        assert 0 < r["tpot_p50_s"] <= r["tpot_p99_s"] and r["goodput_rps"] >= 0
+    serve_bench.save_json(data, tmp_path / "load.json")
+    assert json.loads((tmp_path / "load.json").read_text())["config"]["seed"] == 0
+    assert "| pdcompile-engine | 4.0 |" in serve_bench.markdown_table(data)
