@@ -131,7 +131,7 @@ class _Request:
         self.id, self.prompt, self.params, self.sink = request_id, prompt, params, sink
         self.tokens = list(prompt)  # known tokens: prompt, then output
         self.computed = 0  # tokens whose KV is in the pool
-        self.blocks: list[int] = []
+        self.blocks: list[list[int]] = []  # per KV group (PagedKV.groups); 0: a block outside a sliding window
         self.registered = 0  # full blocks made findable in the prefix cache
         self.status = "waiting"
         self.generator = None
@@ -250,6 +250,9 @@ class Engine:
             raise ValueError("the engine needs the paged KV cache: optimize the model with paged=True "
                              "(models whose attention cannot be paged, e.g. Gemma 2, are not served by the engine)")
         self.runner, self.kv, self.pool = runner, runner.kv, runner.kv.pool
+        # Every KV group (full attention, each sliding window) gets a block per block of the
+        # sequence; sliding groups are not trimmed to their window here (generate() does that).
+        self.groups = [g.pool for g in runner.kv.groups]
         self.block_size = self.kv.block_size
         self.max_num_seqs = max_num_seqs or runner.max_batch_size
         if not 1 <= self.max_num_seqs <= runner.max_batch_size:
@@ -439,7 +442,7 @@ class Engine:
             budget -= n if n > 1 else 0
         while self.waiting and len(self.running) < self.max_num_seqs and budget > 0:
             req = self.waiting[0]
-            if req.computed == 0 and not req.blocks and self.prefix_cache:
+            if req.computed == 0 and not any(req.blocks) and self.prefix_cache:
                 self._lookup_prefix(req)
             n = self._chunk(req, budget)
             if n == 0 or not self._reserve(req, req.computed + n):
@@ -468,17 +471,19 @@ class Engine:
     def _lookup_prefix(self, req: _Request) -> None:
         # keep at least one token to compute: it yields the logits of the next token
         hashes = block_hashes(req.tokens, self.block_size, len(req.tokens) - 1)
-        req.blocks = self.pool.lookup(hashes)
-        req.registered = len(req.blocks)
+        req.blocks = self.kv.lookup_prefix(hashes)
+        req.registered = len(req.blocks[0])
         req.computed = req.registered * self.block_size
 
     def _reserve(self, req: _Request, upto: int) -> bool:
-        need = -(-upto // self.block_size) - len(req.blocks)
-        if need <= 0:
-            return True
-        if need > self.pool.available():
+        if not req.blocks:
+            req.blocks = [[] for _ in self.groups]
+        want = -(-upto // self.block_size)
+        if any(want - len(blocks) > pool.available() for pool, blocks in zip(self.groups, req.blocks)):
             return False
-        req.blocks.extend(self.pool.allocate(need))
+        for pool, blocks in zip(self.groups, req.blocks):
+            if want > len(blocks):
+                blocks.extend(pool.allocate(want - len(blocks)))
         return True
 
     def _reserve_or_preempt(self, req: _Request, upto: int, work: list) -> bool:
@@ -505,13 +510,16 @@ class Engine:
         self.waiting.appendleft(req)
 
     def _free(self, req: _Request) -> None:
-        self.pool.release(req.blocks)
+        for pool, blocks in zip(self.groups, req.blocks):
+            pool.release([b for b in blocks if b])
         req.blocks, req.computed, req.registered = [], 0, 0
 
     # ------------------------------------------------------------------ running the graphs
-    def _table(self, reqs: list[_Request]) -> torch.Tensor:
-        width = max(len(r.blocks) for r in reqs)
-        return torch.tensor([r.blocks + [0] * (width - len(r.blocks)) for r in reqs], dtype=torch.long)
+    def _tables(self, reqs: list[_Request]) -> list[torch.Tensor]:
+        """One block table per KV group, all of one width (the graphs share that dimension)."""
+        width = max(len(b) for r in reqs for b in r.blocks)
+        return [torch.tensor([r.blocks[g] + [0] * (width - len(r.blocks[g])) for r in reqs], dtype=torch.long)
+                for g in range(len(self.groups))]
 
     def _slots(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         blocks = table.gather(1, (positions // self.block_size).reshape(table.shape[0], -1))
@@ -525,17 +533,17 @@ class Engine:
         chunks = [i for i, (_, n) in enumerate(work) if n > 1]
         if decode:
             reqs = [work[i][0] for i in decode]
-            table = self._table(reqs).to(device)
+            tables = [t.to(device) for t in self._tables(reqs)]
             pos = torch.tensor([r.computed for r in reqs], dtype=torch.long, device=device)  # [B]
             ids = torch.tensor([[r.tokens[r.computed]] for r in reqs], dtype=torch.long, device=device)  # [B, 1]
-            logits = run("decode", {Role.TOKENS: ids, Role.POSITIONS: pos, Role.BLOCK_TABLE: table,
-                                    Role.SLOT_MAPPING: self._slots(table, pos), Role.POOL: self.kv.pools})
+            logits = run("decode", {Role.TOKENS: ids, Role.POSITIONS: pos, Role.BLOCK_TABLE: tables,
+                                    Role.SLOT_MAPPING: [self._slots(t, pos) for t in tables], Role.POOL: self.kv.pools})
             out.update(zip(decode, logits.float()))
         if chunks:
             reqs = [work[i][0] for i in chunks]
             counts = [work[i][1] for i in chunks]
             width = max(counts)
-            table = self._table(reqs).to(device)
+            tables = [t.to(device) for t in self._tables(reqs)]
             start = torch.tensor([r.computed for r in reqs], dtype=torch.long, device=device)  # [B]
             ids = torch.tensor([r.tokens[r.computed:r.computed + n] + [0] * (width - n) for r, n in zip(reqs, counts)],
                                dtype=torch.long, device=device)  # [B, S] right-padded
@@ -543,8 +551,9 @@ class Engine:
             offsets = torch.arange(width, device=device).unsqueeze(0)
             valid = offsets < count.unsqueeze(1)
             positions = torch.where(valid, start.unsqueeze(1) + offsets, 0)
-            slots = torch.where(valid, self._slots(table, positions), 0)  # padding writes go to scratch block 0
-            inputs = {Role.TOKENS: ids, Role.LAST_IDX: count - 1, Role.BLOCK_TABLE: table, Role.SLOT_MAPPING: slots,
+            # padding writes go to scratch block 0
+            slots = [torch.where(valid, self._slots(t, positions), 0) for t in tables]
+            inputs = {Role.TOKENS: ids, Role.LAST_IDX: count - 1, Role.BLOCK_TABLE: tables, Role.SLOT_MAPPING: slots,
                       Role.POOL: self.kv.pools}
             phase = "prefill"
             if bool((start > 0).any()):
@@ -577,9 +586,11 @@ class Engine:
         full = req.computed // self.block_size
         if not self.prefix_cache or full <= req.registered:
             return
-        for block, h in zip(req.blocks[req.registered:full],
-                            block_hashes(req.tokens, self.block_size, full * self.block_size)[req.registered:]):
-            self.pool.register(block, h)
+        hashes = block_hashes(req.tokens, self.block_size, full * self.block_size)[req.registered:]
+        for pool, blocks in zip(self.groups, req.blocks):
+            for block, h in zip(blocks[req.registered:full], hashes):
+                if block:
+                    pool.register(block, h)
         req.registered = full
 
     def _sample(self, req: _Request, logits: torch.Tensor) -> tuple[int, float | None]:

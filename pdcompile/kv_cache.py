@@ -211,7 +211,7 @@ class PagedKV(ContiguousKV):
         blocks = table.gather(1, (positions // self.block_size).reshape(table.shape[0], -1))
         return (blocks * self.block_size).reshape(positions.shape) + positions % self.block_size
 
-    def _lookup(self, hashes: list[bytes]) -> list[list[int]]:
+    def lookup_prefix(self, hashes: list[bytes]) -> list[list[int]]:
         """Each group's blocks for the longest cached prefix every group can serve (references taken).
 
         A full-attention group needs every block of the prefix; a sliding group only the blocks
@@ -242,7 +242,7 @@ class PagedKV(ContiguousKV):
                 if self.prefix_cache and reuse:
                     # keep at least one prompt token to compute: it yields the first logits
                     hashes = block_hashes(ids[row, :n].cpu().numpy(), self.block_size, n - 1)
-                    for blocks, dropped, hit in zip(group_blocks, seqs.dropped, self._lookup(hashes)):
+                    for blocks, dropped, hit in zip(group_blocks, seqs.dropped, self.lookup_prefix(hashes)):
                         blocks[row] = hit
                         dropped[row] = hit.count(0)  # a sliding group's leading blocks left its window
                     reused = len(group_blocks[0][row])

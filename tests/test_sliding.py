@@ -165,3 +165,27 @@ def test_sliding_bundle_round_trip(tmp_path):
     out = loaded.generate(input_ids=ids, max_new_tokens=3 * WINDOW, stopping_criteria=[watch], **KW)
     assert torch.equal(out, model.generate(input_ids=ids, max_new_tokens=3 * WINDOW, **KW))
     assert max(step[WINDOW] for step in watch.in_use) <= -(-WINDOW // loaded.runner.kv.block_size) + 1
+
+
+@pytest.mark.parametrize("family,backend", [("qwen2-hybrid", "eager")])
+def test_engine_on_sliding_layers(family, backend):
+    """Continuous batching with chunked prefill over one table per window: prompts longer than the
+    window in 16-token chunks, a prefix hit past the window, tokens identical to HF generate()."""
+    from pdcompile.engine import Engine, SamplingParams
+
+    model, fast = _optimized(family, backend)
+    engine = Engine(fast, max_prefill_tokens=16, max_num_seqs=3)
+    g = torch.Generator().manual_seed(5)
+    shared = torch.randint(3, V, (40,), generator=g).tolist()
+    ps = [shared + torch.randint(3, V, (n,), generator=g).tolist() for n in (3, 9)] + [
+        torch.randint(3, V, (21,), generator=g).tolist()]
+    first = engine.submit(ps[0], SamplingParams(max_tokens=2 * WINDOW))
+    results = [first.result()]  # its blocks are now in the prefix cache
+    streams = [engine.submit(p, SamplingParams(max_tokens=2 * WINDOW)) for p in ps[1:]]
+    results += [s.result() for s in streams]
+    for p, r in zip(ps, results):
+        ids = torch.tensor([p])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=2 * WINDOW, **KW)
+        assert r.token_ids == ref[0, len(p):].tolist()
+    assert engine.stats()["prefix_hit_tokens"] >= 32
+    assert all(s["in_use"] == 0 for s in fast.runner.kv.stats()["windows"].values())
