@@ -8,6 +8,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import models  # noqa: E402
 
+# The persistent compile cache is off for the suite: a test that compiles must compile, not
+# load what an earlier run (or test) left in ~/.cache. tests/test_compile_cache.py turns it
+# on with a folder of its own.
+os.environ["PDCOMPILE_CACHE"] = "0"
+
 import pdcompile  # noqa: E402
 
 # Compiling is the expensive part of the suite: each (family, backend, options) is
