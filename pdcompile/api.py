@@ -308,7 +308,7 @@ def _from_cache(store, key: str, model, config: OptimizeConfig, lowering, device
     timings["cache hit"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     report.timings = timings
-    logger.info("compile cache: hit (%s), loaded in %.1f s", key[:12], timings["cache hit"])
+    logger.info("cache hit: loaded in %.1f s (entry %s)", timings["cache hit"], path)
     logger.info("optimize: %s backend ready in %.1f s", lowering.name, timings["total"])
     seq_len = cache_cfg.max_seq_len
     geometry = _geometry(manifest)

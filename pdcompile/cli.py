@@ -1,4 +1,4 @@
-"""Command line: ``pdcompile run | inspect | export | generate | verify | bench``."""
+"""Command line: ``pdcompile run | inspect | export | generate | verify | bench | cache``."""
 
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def cmd_run(args) -> int:
     inputs = encode_prompt(tokenizer, args.prompt)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
     with _progress(console, f"pdcompile.optimize (backend={args.backend or 'default'})"), _held_output(args.verbose):
-        fast = optimize(model, backend=args.backend)
+        fast = optimize(model, backend=args.backend, prefix_cache=not args.no_prefix_cache)
 
     ours = f"pdcompile ({fast.backend})"
     results = {"HF eager": [], ours: []}
@@ -396,6 +396,24 @@ def _model_limit(model) -> int:
     return default_max_seq_len(model.config)
 
 
+def cmd_cache(args) -> int:
+    from .compile_cache import CompileCache, describe
+
+    store = CompileCache(args.dir)
+    if args.action == "clear":
+        n = store.clear()
+        print(f"removed {n} entr{'y' if n == 1 else 'ies'} from {store.root}")
+        return 0
+    entries = store.entries()
+    print(f"{store.root}: {len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+          f"{sum(e.bytes for e in entries) / 1e6:.1f} MB of {store.limit / 1e6:.0f} MB (PDCOMPILE_CACHE_SIZE)")
+    if entries:
+        print(f"{'key':16s}  {'size':>12s}  {'last used':16s}  {'backend':12s} model")
+        for line in reversed(describe(entries)):  # most recently used first
+            print(line)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pdcompile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -408,7 +426,7 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default=None, help="eager | inductor | onnxruntime | tensorrt (default: per device)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-prefix-cache", action="store_true",
-                   help="skip the cached-prefix TTFT line (saves building the extend graph)")
+                   help="prefix caching off: no extend graph to build, no cached-prefix TTFT line")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("inspect", help="show what each graph pass does to a model (no compilation)")
@@ -465,6 +483,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--plot", metavar="PNG")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("cache", help="the persistent compile cache: list or clear its entries")
+    p.add_argument("action", choices=["ls", "clear"])
+    p.add_argument("--dir", default=None, help="cache folder (default: $PDCOMPILE_CACHE_DIR or ~/.cache/pdcompile)")
+    p.set_defaults(fn=cmd_cache)
 
     args = parser.parse_args(argv)
     setup_logging(args.verbose)

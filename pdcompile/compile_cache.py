@@ -236,7 +236,7 @@ class CompileCache:
             try:
                 manifest = json.loads((p / "manifest.json").read_text())
                 backend = manifest.get("backend")
-                model = (manifest.get("model") or {}).get("architecture")
+                model = (manifest.get("model") or {}).get("architecture") or manifest["model"].get("model_type")
             except (OSError, ValueError, AttributeError):
                 pass
             try:
