@@ -379,6 +379,12 @@ def cmd_bench(args) -> int:
         import tempfile
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdcompile-bench-inductor-")
+    if not args.keep_compile_cache and "PDCOMPILE_CACHE_DIR" not in os.environ:
+        # and an empty pdcompile compile cache, which the cached (new process) and warm
+        # prepares then read
+        import tempfile
+
+        os.environ["PDCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdcompile-bench-cache-")
     data = bench.run(model, cfg, progress=lambda m: logger.info(m))
     out = args.json or f"bench-{spec.replace('/', '_')}.json"
     bench.save_json(data, out)
@@ -474,7 +480,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-kv-experiments", action="store_true",
                    help="skip paged-vs-contiguous KV memory and the cached-prefix TTFT")
     p.add_argument("--keep-compile-cache", action="store_true",
-                   help="use the existing inductor cache (default: a fresh one, so 'cold' is cold)")
+                   help="use the existing inductor and pdcompile compile caches (default: fresh ones, so 'cold' "
+                        "is cold)")
     p.add_argument("--prefix-len", type=int, default=512, help="shared prefix for the prefix-cache TTFT")
     p.add_argument("--sweep", nargs="*", type=int, default=[32, 64, 128, 256, 512, 1024, 2048],
                    help="prompt lengths for the TTFT plot (none: skip)")
