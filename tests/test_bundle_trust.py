@@ -253,9 +253,9 @@ def _block_size_and_signatures(w: Work):
 
 
 def _native_package(w: Work):
-    """The prefill and decode engines become AOTInductor packages carrying a library that
-    writes a file when loaded; the manifest says inductor and lists their hashes."""
-    for phase in ("prefill", "decode"):
+    """Every engine (prefill, decode, extend) becomes an AOTInductor package carrying a library
+    that writes a file when loaded; the manifest says inductor and lists their hashes."""
+    for phase in list(w.manifest["phases"]):
         (w.bundle / f"{phase}.onnx").unlink()
         del w.manifest["files"][f"{phase}.onnx"]
         hostile.package(w.bundle / f"{phase}.pt2", phase, w.so)
@@ -358,7 +358,7 @@ CASES = [
     Case("missing-file", _missing_file, r"bundle file decode.onnx is missing"),
     Case("truncated-engine", _truncated_engine, r"bundle file decode.onnx has 1000 bytes, the manifest says"),
     # native code: refused before any package is opened (more in test_hostile_native_code)
-    Case("swapped-native-library", _native_package, r"holds native code: its inductor engines \(decode.pt2, prefill.pt2\)"),
+    Case("swapped-native-library", _native_package, r"holds native code: its inductor engines \(decode.pt2, extend.pt2, prefill.pt2\)"),
 ]
 
 
