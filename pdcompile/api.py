@@ -103,10 +103,13 @@ def graph_phases(config: OptimizeConfig) -> tuple[str, ...]:
     """The phases optimize() builds. Extend too when prefix caching can use it: a prompt whose
     start is in the pool continues from there, and building that graph on the first such
     call would stall it for as long as a compile (minutes for SmolLM2). One graph for both
-    (prefill as extend from position 0) would save its capture and lowering, but prefill
-    would then attend through the pool with an explicit mask instead of the fused causal
-    attention and the pruned last layer of its own pipeline: TTFT is what this product
-    sells, so prefill keeps its graph and the compile cache pays for the third one."""
+    (prefill as extend from position 0) would save that capture and lowering, but prefill
+    would then attend through the pool over the whole reservation with an explicit mask
+    instead of its fused causal attention: measured on R1, onnxruntime, 2 contended cores
+    (benchmarks/extend_as_prefill.py), extend from 0 took x0.99 / x1.05 / x1.07 the prefill
+    graph's time at 32 / 128 / 512 prompt tokens, growing with the prompt. TTFT is paid on
+    every request and compile time once per model (the compile cache keeps the engines),
+    so prefill keeps its graph."""
     if config.cache.paged and config.cache.prefix_cache:
         return ("prefill", "decode", "extend")
     return ("prefill", "decode")
