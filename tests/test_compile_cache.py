@@ -242,3 +242,22 @@ def test_eager_backend_is_not_cached(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="pdcompile"):
         assert api._compile_cache(tmp_path, "eager") is None
     assert any("no engine files to cache" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.slow
+def test_inductor_entry_served_and_same_tokens(tmp_path):
+    """With inductor the cache holds AOTInductor packages: the cold optimize() runs the package
+    it wrote, and a second optimize() loads it; both give HF's tokens."""
+    model = models.build("llama")
+    opts = dict(OPTS, backend="inductor")
+    cold = pdcompile.optimize(model, cache=tmp_path, **opts)
+    warm = pdcompile.optimize(model, cache=tmp_path, **opts)
+    assert "cache hit" not in cold.pdcompile_report().timings and "cache hit" in warm.pdcompile_report().timings
+    (entry,) = CompileCache(tmp_path).entries()
+    assert entry.backend == "inductor" and (entry.path / "extend.pt2").is_file()
+    ids = _prompt()
+    ref = model.generate(ids, **KW)
+    for fast in (cold, warm):
+        assert torch.equal(fast.generate(ids, **KW), ref)
+        assert torch.equal(fast.generate(ids, **KW), ref)  # prefix-cache hit: the extend package
+        assert fast.last_timings.reused_tokens == (32,)
