@@ -160,8 +160,8 @@ def cached_prefix_ttft(fast, inputs: dict, repeats: int):
     """TTFT of the prompt again once its full KV blocks are in the prefix cache.
 
     Returns (median TTFT in s, prompt tokens reused) or (None, why not). The first call
-    registers the prompt's blocks, the second is the first hit (it builds the extend
-    graph, a one-time cost), then ``repeats`` timed calls.
+    registers the prompt's blocks, the second is the first hit (untimed, as a warm-up), then
+    ``repeats`` timed calls.
     """
     from .timing import timed_generate
 
