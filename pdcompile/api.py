@@ -271,7 +271,8 @@ def _compile_cache(cache, backend_name: str):
         cache = os.environ.get("PDCOMPILE_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
     if cache is False:
         return None
-    if not backend_class(backend_name).exportable:
+    backend = backend_class(backend_name)
+    if not (backend.exportable and backend.cacheable):
         logger.debug("compile cache: the %s backend has no engine files to cache; compiling", backend_name)
         return None
     if cache is True:

@@ -24,7 +24,8 @@ An entry that fails its checks on load (truncated, modified, from another versio
 deleted and rebuilt with a warning, never used. The cache is bounded: after each write the
 least recently used entries (an entry's folder time is touched on every hit) are deleted
 until the total is under ``PDCOMPILE_CACHE_SIZE`` (bytes, or with a K/M/G suffix;
-default 10G). Backends without an engine file format (eager) are not cached.
+default 10G). Backends without an engine file format (eager), and tensorrt (its saved engine
+is a whole-phase conversion, stricter than what lower() runs), are not cached.
 """
 
 from __future__ import annotations
