@@ -238,10 +238,13 @@ def test_export_of_a_cache_served_model(cold, tmp_path):
         pdcompile.export(served, tmp_path / "c.pdc", backend="inductor")
 
 
-def test_eager_backend_is_not_cached(tmp_path, caplog):
+def test_backends_that_are_not_cached(tmp_path, caplog):
     with caplog.at_level(logging.DEBUG, logger="pdcompile"):
         assert api._compile_cache(tmp_path, "eager") is None
-    assert any("no engine files to cache" in r.getMessage() for r in caplog.records)
+        assert api._compile_cache(tmp_path, "tensorrt") is None
+    assert any("eager backend has no engine files to cache" in r.getMessage() for r in caplog.records)
+    assert isinstance(api._compile_cache(tmp_path, "onnxruntime"), CompileCache)
+    assert api._compile_cache(False, "onnxruntime") is None
 
 
 @pytest.mark.slow
