@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass
 
 import torch
 
 from . import capture as capture_mod
-from .backends import default_backend, get_backend
+from . import compile_cache
+from .backends import backend_class, default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig
 from .executor import StepExecutor
 from .kv_cache import ContiguousKV, PagedKV
@@ -96,10 +99,27 @@ class PhaseGraph:
     ctx: PassContext
 
 
+def graph_phases(config: OptimizeConfig) -> tuple[str, ...]:
+    """The phases optimize() builds. Extend too when prefix caching can use it: a prompt whose
+    start is in the pool continues from there, and building that graph on the first such
+    call would stall it for as long as a compile (minutes for SmolLM2). One graph for both
+    (prefill as extend from position 0) would save that capture and lowering, but prefill
+    would then attend through the pool over the whole reservation with an explicit mask
+    instead of its fused causal attention: measured on R1, onnxruntime, 2 contended cores
+    (benchmarks/extend_as_prefill.py), extend from 0 took x0.99 / x1.05 / x1.07 the prefill
+    graph's time at 32 / 128 / 512 prompt tokens, growing with the prompt. TTFT is paid on
+    every request and compile time once per model (the compile cache keeps the engines),
+    so prefill keeps its graph."""
+    if config.cache.paged and config.cache.prefix_cache:
+        return ("prefill", "decode", "extend")
+    return ("prefill", "decode")
+
+
 def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_implementation: str = "sdpa"):
     """Capture + pass pipelines, no compilation: (captured model, {phase: PhaseGraph}, report, config)."""
     with _Stage("capture", timings):
-        captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len, attn_implementation)
+        captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len, attn_implementation,
+                                       phases=graph_phases(config))
     report = OptimizeReport(backend=config.backend or "", timings=timings)
     device = next(model.parameters()).device
     graphs = {}
@@ -136,6 +156,7 @@ def optimize(
     prefix_cache: bool = True,
     kv_cache_memory: int | None = None,
     config: OptimizeConfig | None = None,
+    cache=None,
 ) -> OptimizedModel:
     """Capture ``model`` as prefill and decode graphs, transform and compile them.
 
@@ -153,6 +174,9 @@ def optimize(
             full-length sequences, at most 512 MiB).
         config: an :class:`OptimizeConfig` instead of the keyword arguments (block size,
             pool size in blocks, backend options).
+        cache: the persistent compile cache (see :mod:`pdcompile.compile_cache`): ``None``
+            uses it unless ``PDCOMPILE_CACHE=0``; ``False`` compiles without it; a folder
+            uses that one instead of ``PDCOMPILE_CACHE_DIR``.
 
     Returns an :class:`OptimizedModel` with the HF model's generate()/forward().
     """
@@ -165,35 +189,133 @@ def optimize(
     lowering = get_backend(backend_name, config.backend_options)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
+    store = _compile_cache(cache, backend_name)
+    key = None
+    if store is not None:
+        with _Stage("cache key", timings):
+            key = compile_cache.cache_key(compile_cache.key_components(model, config, seq_len, backend_name, device,
+                                                                       PIPELINES))
+        hit = _from_cache(store, key, model, config, lowering, device, timings, t_start)
+        if hit is not None:
+            return hit
     captured, graphs, report, config = transform(model, config, seq_len, timings)
     report.backend = backend_name
-    pool_blocks = default_pool_blocks(captured.geometry, config.cache, seq_len) if config.cache.paged else None
+    folder = store.staging(key) if store is not None else None
     # Serially: lowering is Python-bound tracing (one core each), and a forked child to
     # lower a phase in parallel cannot work once CUDA is initialised and is fragile next
     # to threads; measured on 2 cores, see BENCHMARKS.md.
-    phases = {}
-    for phase, g in graphs.items():
-        with _Stage(f"compile[{backend_name}:{phase}]", timings):
-            phases[phase] = (lowering.lower(g.gm, g.ctx), g.ctx.signature)
+    phases, entries = {}, {}
+    try:
+        for phase, g in graphs.items():
+            with _Stage(f"compile[{backend_name}:{phase}]", timings):
+                if folder is None:
+                    phases[phase] = (lowering.lower(g.gm, g.ctx), g.ctx.signature)
+                else:  # lowered once, into the cache entry, and run from there (the engine a bundle loads)
+                    entries[phase] = lowering.save(g.gm, g.ctx, folder)
+                    phases[phase] = (lowering.load(folder, entries[phase], g.ctx), g.ctx.signature)
 
-    def lazy(phase):
-        def build():
-            gm, signature = capture_mod.capture_phase(model, phase, config.cache.max_batch_size, seq_len,
-                                                      captured.geometry)
-            graphs[phase], report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, device)
-            return lowering.lower(graphs[phase].gm, graphs[phase].ctx), graphs[phase].ctx.signature
-        return build
+        score = _lazy_phase("score", model, config, seq_len, captured.geometry, lowering, graphs, report)
+        optimized = _runtime(model, config, seq_len, captured.geometry, StepExecutor(phases, lazy={"score": score}),
+                             report=report, backend=backend_name, graphs=graphs)
+        if folder is not None:
+            with _Stage("cache write", timings):
+                from .bundle import write_manifest
 
+                try:
+                    write_manifest(optimized, folder, backend_name, entries)
+                    store.publish(folder, key)
+                except OSError as e:  # a full disk costs the next run a compile, not this one its model
+                    logger.warning("compile cache: could not write the entry to %s (%s)", store.root, e)
+    finally:
+        if folder is not None and folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
     timings["total"] = time.perf_counter() - t_start
     logger.info("optimize: %s backend ready in %.1f s", backend_name, timings["total"])
+    return optimized
+
+
+def _lazy_phase(phase: str, model, config: OptimizeConfig, seq_len: int, geometry, lowering, graphs: dict | None,
+                report: OptimizeReport):
+    """A phase built on its first call. Only "score" is: forward() returning every position's
+    logits (not generate(), which never waits for a compile: see graph_phases)."""
+    def build():
+        gm, signature = capture_mod.capture_phase(model, phase, config.cache.max_batch_size, seq_len, geometry)
+        graph, report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, executor_device(model))
+        if graphs is not None:
+            graphs[phase] = graph
+        return lowering.lower(graph.gm, graph.ctx), graph.ctx.signature
+    return build
+
+
+def _runtime(model, config: OptimizeConfig, seq_len: int, geometry, executor: StepExecutor, **kwargs) -> OptimizedModel:
+    """The OptimizedModel over compiled phases: the KV manager the config asks for, the runner."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    executor = StepExecutor(phases, lazy={"score": lazy("score"), "extend": lazy("extend")})
     if config.cache.paged:
-        kv = PagedKV(captured.geometry, device, seq_len, num_blocks=pool_blocks, block_size=config.cache.block_size,
-                     prefix_cache=config.cache.prefix_cache)
+        kv = PagedKV(geometry, executor_device(model), seq_len, num_blocks=default_pool_blocks(geometry, config.cache, seq_len),
+                     block_size=config.cache.block_size,
+                     prefix_cache=config.cache.prefix_cache and "extend" in executor.phases)
     else:
-        kv = ContiguousKV(captured.geometry, device, seq_len)
-    return OptimizedModel(
-        Runner(kv, executor, config.cache.max_batch_size, vocab), model.config, model.generation_config,
-        original_model=model, report=report, backend=backend_name, graphs=graphs,
-    )
+        kv = ContiguousKV(geometry, executor_device(model), seq_len)
+    return OptimizedModel(Runner(kv, executor, config.cache.max_batch_size, vocab), model.config,
+                          model.generation_config, original_model=model, **kwargs)
+
+
+def executor_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _compile_cache(cache, backend_name: str):
+    """The compile cache optimize() uses, or None: ``cache`` is True/False/None (None:
+    on unless ``PDCOMPILE_CACHE=0``), or a folder, or a :class:`compile_cache.CompileCache`."""
+    if cache is None:
+        cache = os.environ.get("PDCOMPILE_CACHE", "1").strip().lower() not in ("0", "false", "off", "no")
+    if cache is False:
+        return None
+    backend = backend_class(backend_name)
+    if not (backend.exportable and backend.cacheable):
+        logger.debug("compile cache: the %s backend has no engine files to cache; compiling", backend_name)
+        return None
+    if cache is True:
+        return compile_cache.CompileCache()
+    if isinstance(cache, compile_cache.CompileCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return compile_cache.CompileCache(cache)
+    raise TypeError(f"cache must be True, False, None, a folder or a CompileCache, got {type(cache).__name__}")
+
+
+def _from_cache(store, key: str, model, config: OptimizeConfig, lowering, device, timings: dict, t_start: float):
+    """The OptimizedModel served from the cache entry ``key``, or None (a miss). An entry that
+    fails any of the bundle's checks is removed, with a warning, and the caller rebuilds it."""
+    from .bundle import BundleError, _checked, _geometry, load_phases
+
+    path = store.lookup(key)
+    if path is None:
+        logger.info("compile cache: miss (%s)", key[:12])
+        return None
+    t0 = time.perf_counter()
+    try:
+        # native engines (inductor) were compiled by this user into this user's cache folder
+        manifest, _ = _checked(path, None, trust_native_code=True)
+        if manifest["backend"] != lowering.name:
+            raise BundleError(f"it holds {manifest['backend']} engines, not {lowering.name}")
+        cache_cfg = dataclasses.replace(config.cache, paged=manifest["cache"]["paged"],
+                                        block_size=manifest["cache"]["block_size"] or config.cache.block_size,
+                                        max_seq_len=manifest["limits"]["max_seq_len"])
+        config = dataclasses.replace(config, cache=cache_cfg)
+        phases = load_phases(path, manifest, lowering, cache_cfg, device)
+        report = OptimizeReport.from_dict(manifest["report"]) if manifest["report"] else OptimizeReport(lowering.name)
+    except (BundleError, OSError, KeyError, TypeError, ValueError) as e:
+        logger.warning("compile cache: entry %s is unusable (%s); removing it and compiling again", key[:12], e)
+        store.remove(key)
+        return None
+    timings["cache hit"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    report.timings = timings
+    logger.info("cache hit: loaded in %.1f s (entry %s)", timings["cache hit"], path)
+    logger.info("optimize: %s backend ready in %.1f s", lowering.name, timings["total"])
+    seq_len = cache_cfg.max_seq_len
+    geometry = _geometry(manifest)
+    score = _lazy_phase("score", model, config, seq_len, geometry, lowering, None, report)
+    return _runtime(model, config, seq_len, geometry, StepExecutor(phases, lazy={"score": score}), report=report,
+                    backend=lowering.name, bundle_path=path)

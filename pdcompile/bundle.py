@@ -64,6 +64,9 @@ DIGEST = "manifest.sha256"
 SIGNATURE = "manifest.sig"
 # The files a bundle holds besides the ones its manifest lists and hashes.
 OWN_FILES = (MANIFEST, DIGEST, SIGNATURE)
+# The phases a bundle carries: extend (new tokens after a cached prefix) when the model
+# was optimized with prefix caching; a bundle without it loads with prefix caching off.
+BUNDLE_PHASES = ("prefill", "decode", "extend")
 # A manifest is a few KB (the pass report is most of it); a larger file is not one.
 MAX_MANIFEST_BYTES = 16 << 20
 
@@ -131,7 +134,7 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
     interrupted export to ``path`` are removed first. ``sign``: an ed25519 private key
     (a PEM file's path, or the key) to sign the manifest with (needs ``cryptography``).
     """
-    if not isinstance(model, OptimizedModel) or model.graphs is None:
+    if not isinstance(model, OptimizedModel) or (model.graphs is None and model.bundle_path is None):
         raise TypeError("export() takes the model returned by pdcompile.optimize() (it keeps the transformed graphs)")
     path = Path(path)
     key = _private_key(sign) if sign is not None else None  # a bad key fails now, not after lowering
@@ -148,53 +151,81 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-{os.getpid()}-", suffix=TMP_SUFFIX))
     try:
         phases = {}
-        for phase in ("prefill", "decode"):
+        if model.graphs is None:  # served from the compile cache: its engines are already files
+            phases = _copy_engines(model, backend, tmp)
+        for phase in BUNDLE_PHASES:
+            if phase in phases or phase not in (model.graphs or {}):
+                continue
             t0 = time.perf_counter()
             logger.info("export: lowering %s for %s ...", phase, backend)
             graph = model.graphs[phase]
-            entry = engine.save(graph.gm, graph.ctx, tmp)
-            entry["signature"] = graph.ctx.signature.to_dict()
-            phases[phase] = entry
+            phases[phase] = engine.save(graph.gm, graph.ctx, tmp)
             logger.info("export: %s written in %.1f s", phase, time.perf_counter() - t0)
-        model.config.to_json_file(tmp / "config.json")
-        model.generation_config.to_json_file(tmp / "generation_config.json")
-        tokenizer = tokenizer or _find_tokenizer(model)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        manifest = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "versions": _versions(),
-            "backend": backend,
-            "device": str(runner.device),
-            "model": {"architecture": (model.config.architectures or [None])[0], "model_type": model.config.model_type},
-            "limits": {"max_batch_size": runner.max_batch_size, "max_seq_len": runner.max_seq_len,
-                       "vocab_size": runner.vocab_size},
-            "cache": {"dtype": str(runner.geometry.dtype).replace("torch.", ""),
-                      "layers": [vars(g) for g in runner.geometry.layers],
-                      "paged": runner.paged, "block_size": getattr(runner.kv, "block_size", None)},
-            "phases": phases,
-            "report": model.pdcompile_report().to_dict() if model.pdcompile_report() else None,
-            "files": {},
-        }
-        for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
-            with open(f, "rb") as fh:
-                manifest["files"][f.relative_to(tmp).as_posix()] = {"sha256": _sha256_file(fh), "bytes": f.stat().st_size}
-        # what is hashed and signed is the manifest as it will be read back
-        manifest = json.loads(json.dumps(manifest, default=str))
-        problems = schema.validate(manifest)
-        if problems:  # a bundle this pdcompile would refuse to load is a bug here, not the user's
-            raise RuntimeError("export built an invalid manifest:\n  " + "\n  ".join(problems))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        (tmp / DIGEST).write_text(json.dumps(schema.digest(manifest), indent=1))
-        if key is not None:
-            (tmp / SIGNATURE).write_bytes(key.sign(schema.canonical(manifest)))
+        write_manifest(model, tmp, backend, phases, tokenizer=tokenizer or _find_tokenizer(model), key=key)
         _replace(tmp, path, overwrite)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     logger.info("export: bundle written to %s", path)
     return path
+
+
+def _copy_engines(model, backend: str, tmp: Path) -> dict:
+    """The phase entries of the compile-cache bundle ``model`` was loaded from, files copied into ``tmp``."""
+    manifest = read_manifest(model.bundle_path)
+    if manifest.get("backend") != backend:
+        raise ValueError(
+            f"this model was served from the compile cache with {manifest.get('backend')} engines and keeps no graphs "
+            f"to lower for {backend}: export(backend={manifest.get('backend')!r}), or optimize(model, cache=False) "
+            "and export that")
+    verify(model.bundle_path, manifest)  # the copy is of the files the manifest hashed
+    phases = {}
+    for phase, entry in manifest["phases"].items():
+        for rel in entry["files"]:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(model.bundle_path / rel, tmp / rel)
+        phases[phase] = {k: v for k, v in entry.items() if k != "signature"}
+    return phases
+
+
+def write_manifest(model, folder: Path, backend: str, phases: dict, tokenizer=None, key=None) -> None:
+    """Complete the bundle in ``folder``, which holds the engines ``phases`` names: the HF
+    configs, the tokenizer, the manifest of every file with its sha256, the digest and the
+    signature (``key``)."""
+    runner = model.runner
+    phases = {p: {**entry, "signature": model.runner.executor.phases[p][1].to_dict()} for p, entry in phases.items()}
+    model.config.to_json_file(folder / "config.json")
+    model.generation_config.to_json_file(folder / "generation_config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "versions": _versions(),
+        "backend": backend,
+        "device": str(runner.device),
+        "model": {"architecture": (model.config.architectures or [None])[0], "model_type": model.config.model_type},
+        "limits": {"max_batch_size": runner.max_batch_size, "max_seq_len": runner.max_seq_len,
+                   "vocab_size": runner.vocab_size},
+        "cache": {"dtype": str(runner.geometry.dtype).replace("torch.", ""),
+                  "layers": [vars(g) for g in runner.geometry.layers],
+                  "paged": runner.paged, "block_size": getattr(runner.kv, "block_size", None)},
+        "phases": phases,
+        "report": model.pdcompile_report().to_dict() if model.pdcompile_report() else None,
+        "files": {},
+    }
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        with open(f, "rb") as fh:
+            manifest["files"][f.relative_to(folder).as_posix()] = {"sha256": _sha256_file(fh), "bytes": f.stat().st_size}
+    # what is hashed and signed is the manifest as it will be read back
+    manifest = json.loads(json.dumps(manifest, default=str))
+    problems = schema.validate(manifest)
+    if problems:  # a bundle this pdcompile would refuse to load is a bug here, not the user's
+        raise RuntimeError("export built an invalid manifest:\n  " + "\n  ".join(problems))
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (folder / DIGEST).write_text(json.dumps(schema.digest(manifest), indent=1))
+    if key is not None:
+        (folder / SIGNATURE).write_bytes(key.sign(schema.canonical(manifest)))
 
 
 def _find_tokenizer(model):
@@ -563,12 +594,30 @@ def check(path, public_key=None) -> dict:
     return _checked(Path(path), public_key, trust_native_code=True)[0]
 
 
+def load_phases(path: Path, manifest: dict, engine, cc: CacheConfig, device) -> dict:
+    """{phase: (callable, signature)} of a checked bundle's engines, each checked against the manifest."""
+    phases = {}
+    for p, entry in manifest["phases"].items():
+        ctx = PassContext(phase=p, signature=PhaseSignature.from_dict(entry["signature"]), cache=cc,
+                          passes=PassConfig(), device=device)
+        try:
+            phases[p] = (engine.load(path, entry, ctx), ctx.signature)
+        except ImportError:
+            raise
+        except Exception as e:  # the file is the one exported (hashes), but its runtime refuses it
+            raise BundleError(f"the {p} engine {entry['files'][0]} does not load with {manifest['backend']}: "
+                              f"{type(e).__name__}: {e}") from e
+        _check_engine(p, entry, phases[p][0], manifest["limits"])
+    return phases
+
+
 def load(path, device: str | torch.device | None = None, kv_cache_memory: int | None = None, *,
          trust_native_code: bool = False, public_key=None) -> OptimizedModel:
     """Load a bundle written by :func:`export` as an :class:`OptimizedModel`.
 
-    Bundles carry the prefill and decode engines; prefix caching (which needs the extend
-    graph) is off for a loaded model. ``kv_cache_memory`` sizes the paged KV pool.
+    Bundles carry the prefill and decode engines, and the extend engine when the model was
+    optimized with prefix caching (on by default); without it prefix caching is off for the
+    loaded model. ``kv_cache_memory`` sizes the paged KV pool.
     ``trust_native_code``: needed for bundles whose engines are native code (inductor,
     tensorrt), which runs in this process. ``public_key``: an ed25519 public key (PEM or
     OpenSSH file path, bytes, or key) the bundle's signature must verify with.
@@ -592,25 +641,13 @@ def load(path, device: str | torch.device | None = None, kv_cache_memory: int | 
     cache, limits = manifest["cache"], manifest["limits"]
     geometry = _geometry(manifest)
     cc = CacheConfig(max_batch_size=limits["max_batch_size"], max_seq_len=limits["max_seq_len"],
-                     paged=cache["paged"], block_size=cache["block_size"] or 16, prefix_cache=False,
-                     kv_cache_memory=kv_cache_memory)
-    phases = {}
-    for p in ("prefill", "decode"):
-        entry = manifest["phases"][p]
-        ctx = PassContext(phase=p, signature=PhaseSignature.from_dict(entry["signature"]), cache=cc,
-                          passes=PassConfig(), device=device)
-        try:
-            phases[p] = (engine.load(path, entry, ctx), ctx.signature)
-        except ImportError:
-            raise
-        except Exception as e:  # the file is the one exported (hashes), but its runtime refuses it
-            raise BundleError(f"the {p} engine {entry['files'][0]} does not load with {backend}: "
-                              f"{type(e).__name__}: {e}") from e
-        _check_engine(p, entry, phases[p][0], limits)
+                     paged=cache["paged"], block_size=cache["block_size"] or 16,
+                     prefix_cache=cache["paged"] and "extend" in manifest["phases"], kv_cache_memory=kv_cache_memory)
+    phases = load_phases(path, manifest, engine, cc, device)
     if cc.paged:
         from .api import default_pool_blocks
 
-        kv = PagedKV(geometry, device, cc.max_seq_len, block_size=cc.block_size, prefix_cache=False,
+        kv = PagedKV(geometry, device, cc.max_seq_len, block_size=cc.block_size, prefix_cache=cc.prefix_cache,
                      num_blocks=default_pool_blocks(geometry, cc, cc.max_seq_len))
     else:
         kv = ContiguousKV(geometry, device, cc.max_seq_len)

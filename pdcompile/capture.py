@@ -678,9 +678,10 @@ class _capture_mode:
 
 
 def capture(
-    model: torch.nn.Module, max_batch_size: int, max_seq_len: int, attn_implementation: str = "sdpa"
+    model: torch.nn.Module, max_batch_size: int, max_seq_len: int, attn_implementation: str = "sdpa",
+    phases: tuple[str, ...] = ("prefill", "decode"),
 ) -> CapturedModel:
-    """Export the prefill and decode graphs of ``model`` (see the module docstring).
+    """Export the ``phases`` graphs of ``model`` (prefill and decode; see the module docstring).
 
     ``attn_implementation`` is the HF attention the graphs are captured with; the passes
     match SDPA ("sdpa"), anything else is captured as is and left alone.
@@ -691,7 +692,7 @@ def capture(
         geometry = probe_geometry(model).within(max_seq_len)
         timings["probe"] = time.perf_counter() - t0
         graphs = {}
-        for phase in ("prefill", "decode"):
+        for phase in phases:
             t0 = time.perf_counter()
             graphs[phase] = _export_phase(model, phase, geometry, max_batch_size, max_seq_len)
             timings[f"export_{phase}"] = time.perf_counter() - t0

@@ -28,7 +28,8 @@ class StepExecutor:
         if name not in self.phases:
             if name not in self.lazy:
                 raise NotImplementedError(
-                    f"the {name} graph is not available here (bundles carry prefill and decode only)"
+                    f"the {name} graph is not available here (a loaded bundle carries prefill, decode and, when it was "
+                    "optimized with prefix caching, extend)"
                 )
             logger.info("building the %s graph on first use (one-time)", name)
             self.phases[name] = self.lazy.pop(name)()

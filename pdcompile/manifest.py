@@ -24,7 +24,7 @@ from .phase import PHASES as PHASE_SPECS
 from .phase import Role
 
 FORMAT = "pdcompile-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an optional extend phase
 BACKENDS = ("onnxruntime", "inductor", "tensorrt")  # those with engine files (backends.exportable_backends())
 ROLES = tuple(r.value for r in Role)
 PHASES = tuple(PHASE_SPECS)
@@ -203,7 +203,7 @@ SCHEMA = {
         "paged": BOOL,
         "block_size": Nullable(integer(1)),
     },
-    "phases": {"prefill": PHASE, "decode": PHASE},
+    "phases": {"prefill": PHASE, "decode": PHASE, "extend": OptionalKey(PHASE)},
     # informational (what optimize() did); loaded into an OptimizeReport
     "report": Nullable({"backend": STRING, "shape": MapOf(STRING, NUMBER), "timings_s": MapOf(STRING, NUMBER),
                         "phases": MapOf(STRING, ListOf(OBJECT))}),

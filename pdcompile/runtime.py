@@ -168,9 +168,11 @@ class OptimizedModel:
         report=None,
         backend: str = "",
         graphs: dict | None = None,
+        bundle_path=None,
     ):
         self.runner = runner
         self.graphs = graphs  # the transformed phase graphs, for pdcompile.export()
+        self.bundle_path = bundle_path  # the compile-cache entry it was served from (no graphs then)
         self.config = config
         self.generation_config = generation_config
         self.original_model = original_model

@@ -13,7 +13,7 @@ import hostile
 import models
 import pdcompile
 from conftest import optimized
-from pdcompile.manifest import digest
+from pdcompile.manifest import FORMAT_VERSION, digest
 
 HERE = os.path.dirname(__file__)
 KW = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -51,7 +51,7 @@ def test_bundle_contents(bundle):
     backend, model, path = bundle
     manifest = json.loads((path / "manifest.json").read_text())
     ext = {"onnxruntime": ".onnx", "inductor": ".pt2"}[backend]
-    assert manifest["backend"] == backend and manifest["format_version"] == 1
+    assert manifest["backend"] == backend and manifest["format_version"] == FORMAT_VERSION
     assert {"prefill" + ext, "decode" + ext, "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert manifest["versions"]["torch"] == torch.__version__
     assert manifest["cache"]["layers"][0] == {"kv_heads": 2, "head_dim": 16, "v_head_dim": 16, "window": 0}

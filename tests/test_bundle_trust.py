@@ -253,9 +253,9 @@ def _block_size_and_signatures(w: Work):
 
 
 def _native_package(w: Work):
-    """The prefill and decode engines become AOTInductor packages carrying a library that
-    writes a file when loaded; the manifest says inductor and lists their hashes."""
-    for phase in ("prefill", "decode"):
+    """Every engine (prefill, decode, extend) becomes an AOTInductor package carrying a library
+    that writes a file when loaded; the manifest says inductor and lists their hashes."""
+    for phase in list(w.manifest["phases"]):
         (w.bundle / f"{phase}.onnx").unlink()
         del w.manifest["files"][f"{phase}.onnx"]
         hostile.package(w.bundle / f"{phase}.pt2", phase, w.so)
@@ -321,11 +321,11 @@ CASES = [
     Case("bytes-negative", _file_field("decode.onnx", "bytes", -1), rf"{FIELD} files.decode.onnx.bytes: expected int >= 0"),
     Case("report-not-a-report", _set("report.phases.prefill", [{"name": "x"}]), rf"{FIELD} report: not a pass report"),
     # format and version, and manifests that are not JSON objects
-    Case("format_version-0", _set("format_version", 0), rf"{FIELD} format_version: expected an int in \[1, 1\], got 0"),
-    Case("format_version-negative", _set("format_version", -7), rf"{FIELD} format_version: expected an int in \[1, 1\], got -7"),
-    Case("format_version-true", _set("format_version", True), rf"{FIELD} format_version: expected an int in \[1, 1\], got true"),
-    Case("format_version-string", _set("format_version", "1"), rf'{FIELD} format_version: expected an int in \[1, 1\], got "1"'),
-    Case("format_version-newer", _set("format_version", 2), r"format version 2 is newer than this pdcompile supports \(1\)"),
+    Case("format_version-0", _set("format_version", 0), rf"{FIELD} format_version: expected an int in \[1, 2\], got 0"),
+    Case("format_version-negative", _set("format_version", -7), rf"{FIELD} format_version: expected an int in \[1, 2\], got -7"),
+    Case("format_version-true", _set("format_version", True), rf"{FIELD} format_version: expected an int in \[1, 2\], got true"),
+    Case("format_version-string", _set("format_version", "1"), rf'{FIELD} format_version: expected an int in \[1, 2\], got "1"'),
+    Case("format_version-newer", _set("format_version", 3), r"format version 3 is newer than this pdcompile supports \(2\)"),
     Case("format-other", _set("format", "other"), r"is not a pdcompile-bundle manifest \(format='other'\)"),
     Case("manifest-a-list", _raw(b"[1, 2]"), r"is not a pdcompile-bundle manifest: it is a JSON list, not an object"),
     Case("manifest-truncated", _raw_json(lambda m: json.dumps(m)[:-40]), r"is corrupted \(not valid JSON"),
@@ -358,7 +358,7 @@ CASES = [
     Case("missing-file", _missing_file, r"bundle file decode.onnx is missing"),
     Case("truncated-engine", _truncated_engine, r"bundle file decode.onnx has 1000 bytes, the manifest says"),
     # native code: refused before any package is opened (more in test_hostile_native_code)
-    Case("swapped-native-library", _native_package, r"holds native code: its inductor engines \(decode.pt2, prefill.pt2\)"),
+    Case("swapped-native-library", _native_package, r"holds native code: its inductor engines \(decode.pt2, extend.pt2, prefill.pt2\)"),
 ]
 
 

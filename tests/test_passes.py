@@ -297,3 +297,20 @@ def test_passes_on_vs_off_same_tokens_end_to_end():
 def test_pass_result_is_frozen():
     with pytest.raises(Exception):
         PassResult(None, 0).matches = 3
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode", "extend"])
+def test_incremental_metadata_equals_a_full_refresh(phase):
+    """The manager refreshes the fake values of what each pass changed only: after the whole
+    pipeline every node's value (shape, stride, dtype, device) is what a full propagation
+    computes, and every node has one."""
+    from pdcompile.api import PIPELINES
+    from pdcompile.passes.manager import _meta_key, refresh_meta
+
+    model = models.build("llama")
+    gm, sig = capture(model, 8, 256, phases=(phase,)).graphs[phase]
+    gm, records, _ = run_pipeline(gm, PIPELINES[phase], PassContext.make(sig, max_seq_len=256))
+    assert sum(r.matches for r in records) >= 3  # the graph was rewritten several times
+    kept = {n.name: _meta_key(n.meta["val"]) for n in gm.graph.nodes if n.op != "output"}
+    refresh_meta(gm, full=True)
+    assert kept == {n.name: _meta_key(n.meta["val"]) for n in gm.graph.nodes if n.op != "output"}

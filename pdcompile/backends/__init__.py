@@ -37,6 +37,9 @@ class Backend:
     # that does not say is treated as native: consent is the safe default.
     native_code: ClassVar[bool] = True
     exportable: ClassVar[bool] = True
+    # optimize() may lower through save()+load() into the compile cache and run the loaded
+    # engine (pdcompile/compile_cache.py): true where that engine is the one lower() makes
+    cacheable: ClassVar[bool] = True
 
     def __init__(self, options=None):
         options = options if options is not None else self.options_class()

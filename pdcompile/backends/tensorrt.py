@@ -242,6 +242,9 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     options_class = TensorRTOptions
     native_code = True  # engines (and any plugins) are machine code
+    # save() converts the whole phase into one engine; lower() may leave unconvertible ops to
+    # PyTorch: serving optimize() from saved engines would refuse models lower() runs
+    cacheable = False
 
     def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> CompiledPhase:
         torch_tensorrt, _ = _require_trt()
