@@ -204,3 +204,18 @@ def test_bad_weights_argument_and_group_not_dividing():
     # in_features 64 (hidden) is not a multiple of 128
     with pytest.raises(pdcompile.passes.PassError, match=r"group_size=128 does not divide in_features=64.*\[16, 32, 64\]"):
         pdcompile.optimize(model, backend="eager", weights=QuantConfig(group_size=128), max_seq_len=64)
+
+
+def test_layer_errors_report_each_quantized_layer():
+    """`pdcompile inspect --check`: one row per quantized linear; int8 (relative output error
+    ~0.6% for a group's step of max|w|/127) well under int4 (~10%, step max|w|/7)."""
+    from pdcompile.quant_check import layer_errors
+
+    worst = {}
+    for bits in (8, 4):
+        _, fast = quantized("eager", f"int{bits}")
+        g = fast.graphs["prefill"]
+        rows = layer_errors(g.gm, g.ctx.signature, models.VOCAB)
+        assert len(rows) == 15 and rows[-1]["out_features"] == models.VOCAB
+        worst[bits] = max(r["rel_error"] for r in rows)
+    assert 0 < worst[8] < 0.02 < worst[4] < 0.5, worst

@@ -40,6 +40,7 @@ from .manager import GraphPass, PassResult
 from .utils import aten, val
 
 NAME = "quantize_weights"
+FP32_WEIGHT = "pdcompile_fp32_weight"  # node.meta key: the attribute of the weight a node quantizes
 
 _PREFILL_LIKE = ("prefill", "extend", "score")
 
@@ -110,6 +111,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
         consts = done[w.target]
         if dequantized:
             node.replace_input_with(w, consts[0])
+            node.meta[FP32_WEIGHT] = w.target
         else:
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(
@@ -117,6 +119,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
                     (x, *consts, bias, cfg.bits, cfg.group_size, level),
                 )
             new.meta = dict(node.meta)
+            new.meta[FP32_WEIGHT] = w.target  # the original stays on gm: `pdcompile inspect --check` reads it
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
         matches += 1
