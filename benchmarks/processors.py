@@ -22,9 +22,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+# run from a checkout: this tree's pdcompile, not whichever one is installed
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv=None):

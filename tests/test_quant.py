@@ -146,21 +146,25 @@ def test_onnx_graph_uses_matmul_nbits():
 
 
 def test_int8_greedy_agrees_with_fp32():
-    """int8 (group 32) is near-lossless: per-weight error <= half a step of max|w|/127. On
-    this random model the logits move by ~1e-3 against top-2 gaps of ~1e-1, so the greedy
-    tokens agree except after a rare near-tie. The bar, 90% of positions before the first
-    divergence per row summed over rows, fails for a broken quantizer (int4 without
-    groups, a wrong scale) and holds with margin here."""
+    """int8 (group 32) against fp32 HF eager, teacher-forced on fp32's own greedy tokens (free
+    generation compounds: one flipped near-tie changes the rest of the row). Measured here:
+    95.8% of 96 positions pick the same token, logits differ by <= 0.09, and each of the 4
+    flips is a near-tie (fp32 gap between the two tokens 0.002-0.043; median top-2 gap 0.17).
+    Asserted: >= 90% agreement, and every flip is explained by the measured logit error (its
+    fp32 gap is below it); a wrong scale or zero point breaks both."""
     model, fast = quantized("eager", "int8")
     ids, mask = models.left_padded_batch()
-    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
-    out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0)
-    new_ref, new_out = ref[:, ids.shape[1]:], out[:, ids.shape[1]:]
-    agree = 0
-    for a, b in zip(new_ref, new_out):
-        diverged = (a != b).nonzero()
-        agree += int(diverged[0, 0]) if len(diverged) else len(a)
-    assert agree / new_ref.numel() >= 0.9, (new_ref, new_out)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                         pad_token_id=0)
+    full = torch.cat([mask, torch.ones(3, 32, dtype=torch.long)], dim=1)
+    a = model(input_ids=ref, attention_mask=full).logits[:, ids.shape[1] - 1:-1]
+    b = fast(input_ids=ref, attention_mask=full).logits[:, ids.shape[1] - 1:-1]
+    top_a, top_b = a.argmax(-1), b.argmax(-1)
+    err = (a - b).abs().max()
+    assert err < 0.2
+    assert (top_a == top_b).float().mean() >= 0.9
+    gap = (a.gather(-1, top_a[..., None]) - a.gather(-1, top_b[..., None]))[..., 0]
+    assert torch.all(gap[top_a != top_b] <= err), (gap[top_a != top_b], err)
 
 
 def test_bundle_round_trip_in_fresh_process(tmp_path):
