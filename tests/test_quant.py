@@ -118,7 +118,8 @@ def test_dequantized_prefill_form():
 
 
 @pytest.mark.parametrize("backend,bits,atol", [
-    ("onnxruntime", 8, 2e-3), ("onnxruntime", 4, 2e-3),
+    ("onnxruntime", 8, 2e-3),
+    pytest.param("onnxruntime", 4, 2e-3, marks=pytest.mark.slow),  # int4 on onnxruntime: also the bundle test
     pytest.param("inductor", 8, 1e-3, marks=pytest.mark.slow),
 ])
 def test_backend_matches_eager_quantized(backend, bits, atol):
