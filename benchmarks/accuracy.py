@@ -1,7 +1,7 @@
 """Accuracy of quantized weights: perplexity and greedy agreement against fp32.
 
     python benchmarks/accuracy.py --model smollm2              # fp32, int8, int4 (about 10-20 min on 2 cores)
-    python benchmarks/accuracy.py --model r1 --prompts 4 --new 16   # a quick check (a few minutes)
+    python benchmarks/accuracy.py --model r1 --prompts 4 --new 16 --max-tokens 2048 --window 256  # a quick check
 
 Text: benchmarks/data/alice-ch1-2.txt (Lewis Carroll, public domain; ~5.5k SmolLM2 tokens).
 SmolLM2 reads it through its tokenizer. R1 (random weights, no tokenizer) reads its UTF-8
@@ -94,6 +94,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=20)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, help="use only the text's first N tokens (a quick check)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -106,7 +107,7 @@ def main(argv=None):
         model, tokenizer = models.r1_model(), None
     else:
         model, tokenizer = models.load_smollm2()
-    ids = text_ids(args.model, tokenizer)
+    ids = text_ids(args.model, tokenizer)[: args.max_tokens]
     step = (len(ids) - args.prompt_len) // args.prompts
     prompts = torch.stack([ids[i * step:i * step + args.prompt_len] for i in range(args.prompts)])
     print(f"{args.model}: text {len(ids)} tokens, {args.prompts} prompts of {args.prompt_len}, {args.new} new tokens")
@@ -132,7 +133,8 @@ def main(argv=None):
         quant = None if VARIANTS[name] is None else pdcompile.QuantConfig(**VARIANTS[name])
         config = pdcompile.OptimizeConfig(
             backend=args.backend, quant=quant,
-            cache=pdcompile.CacheConfig(max_batch_size=args.prompts, max_seq_len=max(args.window, args.prompt_len + args.new)),
+            cache=pdcompile.CacheConfig(max_batch_size=args.prompts,
+                                        max_seq_len=max(args.window, args.prompt_len + args.new) + 1),
         )
         fast = pdcompile.optimize(model, config=config)
         ppl = perplexity(fast, ids, args.window)
