@@ -14,7 +14,7 @@ import torch
 from . import capture as capture_mod
 from . import compile_cache
 from .backends import backend_class, default_backend, get_backend
-from .config import CacheConfig, OptimizeConfig, PassConfig
+from .config import CacheConfig, OptimizeConfig, PassConfig, QuantConfig
 from .executor import StepExecutor
 from .kv_cache import ContiguousKV, PagedKV
 from .passes import DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, paged_kv, run_pipeline
@@ -33,13 +33,16 @@ def default_max_seq_len(config) -> int:
 
 
 def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_size, max_seq_len, disable_passes,
-                    **cache_options):
+                    weights=None, **cache_options):
     if config is None:
         config = OptimizeConfig(
             backend=backend,
             cache=CacheConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, **cache_options),
             passes=PassConfig(disabled=frozenset(disable_passes)),
+            quant=QuantConfig.parse(weights),
         )
+    elif weights is not None:
+        raise ValueError("pass weights= or config=OptimizeConfig(quant=QuantConfig(...)), not both")
     model_limit = default_max_seq_len(model.config)
     seq = config.cache.max_seq_len
     if seq is None:
@@ -139,7 +142,7 @@ def run_phase_pipeline(gm, signature, config: OptimizeConfig, seq_len: int, devi
     """The phase's pipeline over ``gm``; returns the graph with its final context, and the pass records."""
     ctx = PassContext(phase=signature.phase, signature=signature,
                       cache=dataclasses.replace(config.cache, max_seq_len=seq_len), passes=config.passes,
-                      device=device)
+                      device=device, quant=config.quant)
     gm, records, ctx = run_pipeline(gm, PIPELINES[signature.phase], ctx)
     return PhaseGraph(gm, ctx), records
 
@@ -155,6 +158,7 @@ def optimize(
     block_size: int = 16,
     prefix_cache: bool = True,
     kv_cache_memory: int | None = None,
+    weights: str | QuantConfig | None = None,
     config: OptimizeConfig | None = None,
     cache=None,
 ) -> OptimizedModel:
@@ -172,6 +176,8 @@ def optimize(
         prefix_cache: reuse cached blocks of a repeated prompt prefix (paged only).
         kv_cache_memory: bytes for the paged pool (default: enough for max_batch_size
             full-length sequences, at most 512 MiB).
+        weights: "int8" / "int4" (weight-only, group-wise, see :class:`QuantConfig`), a
+            :class:`QuantConfig`, or None (the model's weights as they are).
         config: an :class:`OptimizeConfig` instead of the keyword arguments (block size,
             pool size in blocks, backend options).
         cache: the persistent compile cache (see :mod:`pdcompile.compile_cache`): ``None``
@@ -181,7 +187,7 @@ def optimize(
     Returns an :class:`OptimizedModel` with the HF model's generate()/forward().
     """
     capture_mod.check_supported(model)  # before anything reads model.config: one clear refusal
-    config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes,
+    config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes, weights,
                                       paged=paged, block_size=block_size, prefix_cache=prefix_cache,
                                       kv_cache_memory=kv_cache_memory)
     device = next(model.parameters()).device

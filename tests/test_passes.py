@@ -188,8 +188,9 @@ def test_decode_attention_mask(family):
 # ------------------------------------------------------------------ manager and report
 
 def test_pipelines_are_explicit_ordered_lists():
-    assert [p.name for p in PREFILL_PIPELINE] == ["remove_noops", "fuse_causal_mask", "prune_final_layer", "paged_kv"]
-    assert [p.name for p in DECODE_PIPELINE] == ["remove_noops", "decode_attention_mask", "paged_kv"]
+    assert [p.name for p in PREFILL_PIPELINE] == ["remove_noops", "fuse_causal_mask", "prune_final_layer", "paged_kv",
+                                                  "quantize_weights"]
+    assert [p.name for p in DECODE_PIPELINE] == ["remove_noops", "decode_attention_mask", "paged_kv", "quantize_weights"]
 
 
 def test_disable_pass_by_name_and_report():

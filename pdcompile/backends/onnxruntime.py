@@ -71,10 +71,54 @@ def onnx_model(gm: torch.fx.GraphModule, ctx: PassContext):
     ep = export_program(gm, ctx, functional=True)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
-    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
+    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
+                             custom_translation_table=translation_table())
     _optimize_for_ort(prog.model)
     _drop_identity_transposes(prog.model)
     return prog.model_proto
+
+
+def translation_table() -> dict:
+    """``pdcompile::`` ops the exporter writes as ONNX Runtime contrib ops (not decomposed)."""
+    return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits}
+
+
+def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, bits: int = 8, group_size: int = 32,
+                  accuracy_level: int = 0):
+    """``pdcompile::weight_only_linear`` -> ``com.microsoft::MatMulNBits`` (traced by the exporter).
+
+    The op's buffers already are MatMulNBits' inputs (codes [N, K/G, G*bits/8] low nibble
+    first, scales [N*K/G], packed uint8 zero points or none for the symmetric 2**(bits-1)),
+    so they become its initializers unchanged. The bias is a separate Add: MatMulNBits'
+    own bias input came late to onnxruntime, and the Add costs one small kernel.
+    """
+    from onnxscript import opset18 as op
+
+    n, n_groups = qweight.shape[0], qweight.shape[1]
+    y = _matmul_nbits_op()(x, qweight, scales, zero_points, K=n_groups * group_size, N=n, bits=bits,
+                           block_size=group_size, accuracy_level=accuracy_level)
+    return y if bias is None else op.Add(y, bias)
+
+
+def _matmul_nbits_op():
+    """MatMulNBits as an onnxscript op. onnx itself has no schema for ONNX Runtime's contrib
+    ops, and onnxscript needs one to tell inputs from attributes: this is the part of
+    onnxruntime's schema (contrib_defs.cc) the lowering uses."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attrs = [OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in ("K", "N", "bits", "block_size", "accuracy_level")]
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+                param("zero_points", "T3", param_option=optional)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "")],
+        attributes=attrs,
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
 
 
 def _optimize_for_ort(model) -> None:
