@@ -125,10 +125,14 @@ def random_model(name: str, dtype=None, seed: int = 0, **overrides):
 
     Built on the meta device and materialised once, in ``dtype`` (fp32 by default):
     constructing it normally would initialise every weight twice (PyTorch's init, then
-    HF's) and, for bf16, would first build it in fp32. Weights are N(0, 9/fan_in) and
-    embeddings N(0, 1): measured on the 0.5B, greedy decoding then gives varied tokens
-    with top-2 logit margins of ~1-20 (HF's 0.02 repeats one token; unit-gain weights
-    with these tied embeddings too), so token comparisons mean something, also in bf16.
+    HF's) and, for bf16, would first build it in fp32.
+
+    Weights N(0, 1/fan_in), embeddings N(0, 1), and the final norm's weight -1. Measured on
+    the 0.5B: larger weights (HF's 0.1, i.e. 3/sqrt(fan_in)) make the network chaotic --
+    bf16 and fp32 runs of the same weights disagree from the first token -- and with these
+    tied embeddings the residual stream stays near the input token's embedding, so a +1
+    final norm predicts the input token again and again; with -1 greedy decoding gives
+    varied tokens, and bf16 logits stay within ~2% of fp32 ones.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -142,14 +146,16 @@ def random_model(name: str, dtype=None, seed: int = 0, **overrides):
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
+            if pname == "model.norm.weight":
+                p.fill_(-1.0)
+            elif pname.endswith("norm.weight"):
                 p.fill_(1.0)
             elif p.dim() == 1:  # biases
                 p.normal_(0.0, 0.02, generator=gen)
             elif "embed" in pname:
                 p.normal_(0.0, 1.0, generator=gen)
             else:
-                p.normal_(0.0, 3.0 * p.shape[1] ** -0.5, generator=gen)
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
     # non-persistent buffers (the rotary frequencies) were never computed on meta
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config=model.config)
