@@ -9,12 +9,13 @@ from .api import default_max_seq_len, optimize
 from .bundle import BundleError, export, load
 from .capture import UnsupportedModelError
 from .config import CacheConfig, OptimizeConfig, PassConfig
+from .memory import InsufficientMemoryError
 from .runtime import CapacityError, OptimizedModel
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BundleError", "export", "load",
-    "CacheConfig", "CapacityError", "OptimizeConfig", "OptimizedModel", "PassConfig",
+    "CacheConfig", "CapacityError", "InsufficientMemoryError", "OptimizeConfig", "OptimizedModel", "PassConfig",
     "UnsupportedModelError", "default_max_seq_len", "optimize", "__version__",
 ]

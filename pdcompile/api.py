@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import capture as capture_mod
+from . import memory
 from .backends import default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig
 from .executor import StepExecutor
@@ -69,6 +70,19 @@ def default_pool_blocks(geometry, cache: CacheConfig, seq_len: int) -> int:
         full = cache.max_batch_size * -(-seq_len // cache.block_size) * per_block
         budget = min(full, 512 << 20)
     return max(2, budget // per_block + 1)
+
+
+def check_memory(model, config: OptimizeConfig, seq_len: int, backend_name: str, lowering, device) -> None:
+    """Refuse, before any work, a model whose optimize() would not fit in memory (see memory.py)."""
+    kv_pool = 0
+    geometry = memory.config_geometry(model)
+    if config.cache.paged and geometry is not None:
+        per_block = geometry.bytes_per_token() * config.cache.block_size
+        kv_pool = default_pool_blocks(geometry, config.cache, seq_len) * per_block
+    prepacked = getattr(lowering, "prepacked_copies", None)
+    dtype = next(model.parameters()).dtype
+    est = memory.estimate(model, backend_name, kv_pool, prepacked(dtype, device) if prepacked else 0)
+    memory.check_fits(est, device)
 
 
 class _Stage:
@@ -163,6 +177,7 @@ def optimize(
     device = next(model.parameters()).device
     backend_name = config.backend or default_backend(device)
     lowering = get_backend(backend_name, config.backend_options)
+    check_memory(model, config, seq_len, backend_name, lowering, device)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     captured, graphs, report, config = transform(model, config, seq_len, timings)
