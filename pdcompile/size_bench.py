@@ -1,6 +1,8 @@
 """optimize() time and peak memory on real model sizes (random weights), one run per process.
 
     python -m pdcompile.size_bench qwen2.5-0.5b onnxruntime [--dtype bfloat16] [--json out.json]
+    python -m pdcompile.size_bench all --json benchmarks/model-size-DATE.json   # every case below
+
 
 Builds the model (:func:`pdcompile.models.random_model`), runs HF eager greedy decoding as
 the reference, then measures ``pdcompile.optimize()`` alone: wall time, and the growth of
@@ -109,16 +111,85 @@ def run(size: str, backend: str, dtype: torch.dtype = torch.float32, max_seq_len
     }
 
 
+# What BENCHMARKS.md "Model size" reports: fp32 up to 1.5B, 3B in bf16 (its fp32 weights,
+# 12.4 GB, leave a 24 GB machine too little for HF's reference run next to optimize()).
+CASES = [(size, backend, dtype) for size, dtype in (("qwen2.5-0.5b", "float32"), ("qwen2.5-1.5b", "float32"),
+                                                    ("qwen2.5-3b", "bfloat16"))
+         for backend in ("eager", "inductor", "onnxruntime")]
+
+
+def run_all(json_path: str | None) -> list[dict]:
+    """Every case in :data:`CASES`, one subprocess each, one at a time; prints the table."""
+    import subprocess
+
+    results = []
+    for size, backend, dtype in CASES:
+        proc = subprocess.run([sys.executable, "-m", "pdcompile.size_bench", size, backend, "--dtype", dtype],
+                              capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:  # refused (InsufficientMemoryError) or failed: recorded with its last words
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            results.append({"size": size, "backend": backend, "dtype": dtype, "error": tail[:500]})
+        else:
+            results.append(json.loads(line[7:]))
+        print(json.dumps(results[-1]), flush=True)
+    print(table(results))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"machine": machine(), "results": results}, f, indent=1)
+    return results
+
+
+def machine() -> dict:
+    import platform
+
+    import onnxruntime
+    import transformers
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((x.split(":", 1)[1] for x in f if x.startswith("flags")), "")
+    except OSError:
+        pass
+    wanted = [f for f in flags.split() if f.startswith(("avx", "fma", "amx"))]
+    return {"cpus": os.cpu_count(), "cpu_flags": wanted, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def table(results: list[dict]) -> str:
+    """The markdown table of BENCHMARKS.md "Model size"; "tokens match" compares each run
+    with HF eager and with the other backends of the same size and dtype."""
+    rows = ["| size | params | dtype | backend | weights GB | optimize s (contended) | peak RSS growth GB | "
+            "growth / weights | tokens = HF | same tokens on every backend |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "error" in r:
+            rows.append(f"| {r['size']} | | {r['dtype']} | {r['backend']} | | refused or failed: {r['error']} | | | | |")
+            continue
+        peers = [x["tokens"] for x in results if "tokens" in x and x["size"] == r["size"] and x["dtype"] == r["dtype"]]
+        same = "yes" if all(t == peers[0] for t in peers) else "no"
+        hf = "yes" if r["tokens_match"] else ("within tolerance" if r["agree"] else "no")
+        rows.append(f"| {r['size']} | {r['params'] / 1e9:.2f}B | {r['dtype']} | {r['backend']} | "
+                    f"{r['weight_bytes'] / 1e9:.2f} | {r['optimize_s']} | {r['peak_growth'] / 1e9:.2f} | "
+                    f"{r['growth_x_weights']:.2f}x | {hf} | {same} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("size")
-    parser.add_argument("backend")
+    parser.add_argument("size", help="a pdcompile.models.SIZES name, or 'all' (every case in CASES)")
+    parser.add_argument("backend", nargs="?", default="onnxruntime")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--max-seq-len", type=int, default=1024)
     parser.add_argument("--json", help="also write the result to this file")
     parser.add_argument("--warm-inductor-cache", action="store_true",
                         help="use the usual inductor cache instead of a fresh, empty one (cold compile)")
     args = parser.parse_args(argv)
+    if args.size == "all":
+        run_all(args.json)
+        return 0
     cache = None
     if not args.warm_inductor_cache:  # an empty cache: compile times of a first optimize()
         cache = os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdcompile-size-bench-")

@@ -34,7 +34,7 @@ def test_sized_configs_have_the_published_parameter_counts():
 
 def test_onnxruntime_sessions_read_the_model_weights_in_place():
     """Every weight the ONNX graphs use is the model's own memory, in both phases: no copy
-    in a protobuf (so no 2 GB limit) and none per session."""
+    in a protobuf (so no 2 GB limit) and none per session; and the tokens are still HF's."""
     model, fast = optimized("qwen2", "onnxruntime")
     weights = {p.data_ptr() for p in model.parameters() if p.numel() * p.element_size() >= 1024}
     for phase in ("prefill", "decode"):
@@ -44,6 +44,15 @@ def test_onnxruntime_sessions_read_the_model_weights_in_place():
         assert weights <= shared, f"{phase}: {len(weights - shared)} weights are not read in place"
         assert {v.data_ptr() for v in initializers.values()} <= shared | {
             t.ctypes.data for t in tensors if not isinstance(t, torch.Tensor)}
+    # the sessions' protobufs hold the graph only: the weights are given to them from outside it
+    total = memory.weight_bytes(model)
+    for phase in ("prefill", "decode"):
+        engine = fast.runner.executor.phases[phase][0]
+        assert engine.shared_bytes >= 0.9 * total and engine.proto_bytes < 0.1 * total, (phase, engine.proto_bytes)
+    ids, mask = models.left_padded_batch()
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
+    assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **kw),
+                       model.generate(input_ids=ids, attention_mask=mask, **kw))
 
 
 def test_bundle_with_external_data_same_tokens(tmp_path, monkeypatch):
@@ -62,6 +71,8 @@ def test_bundle_with_external_data_same_tokens(tmp_path, monkeypatch):
         inline = [t.name for t in proto.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
                   and len(t.raw_data) > 256]
         assert not inline, inline  # every weight is in the side file
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert {"prefill.onnx.data", "decode.onnx.data"} <= set(manifest["files"])  # hashed like every file
     ids, mask = models.left_padded_batch()
     kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=0)
     ref = model.generate(input_ids=ids, attention_mask=mask, **kw)

@@ -71,8 +71,8 @@ class OrtOptions:
     are shared with PyTorch (one copy in the process); a pre-packed copy costs their size
     again, per session. Its matmul kernels are faster on pre-packed weights, which matters
     for decode; a prompt's matmuls re-lay out each weight panel once per call, cheap next to
-    the prompt's compute. Measured on R1 (BENCHMARKS.md, "Model size"): decode 30 ->
-    17-22 ms/token pre-packed, prefill about 8% faster.
+    the prompt's compute. Measured on R1 (2-core machine, contended, so ratios only): decode
+    30 -> 17-22 ms/token pre-packed, prefill about 8% faster.
     """
 
     threads: int | None = None
@@ -398,6 +398,8 @@ class OrtPhase:
             proto = onnx.load(source, load_external_data=False)
         else:
             proto, source = model, model.SerializeToString()
+        # what the session was given: the protobuf (graph, small constants) and the weights outside it
+        self.proto_bytes, self.shared_bytes = proto.ByteSize(), shared.data_bytes if shared else 0
         float32_compute = any(p.key == FLOAT32_COMPUTE for p in proto.metadata_props)
         if float32_compute:
             # Its largest temporaries are float32 copies of single weights (the tied lm_head:
