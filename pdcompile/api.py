@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import capture as capture_mod
-from . import compile_cache
+from . import compile_cache, memory
 from .backends import backend_class, default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig, QuantConfig
 from .executor import StepExecutor
@@ -75,6 +75,19 @@ def default_pool_blocks(geometry, cache: CacheConfig, seq_len: int) -> int:
         full = cache.max_batch_size * -(-seq_len // cache.block_size) * per_block
         budget = min(full, 512 << 20)
     return max(2, budget // per_block + 1)
+
+
+def check_memory(model, config: OptimizeConfig, seq_len: int, backend_name: str, lowering, device) -> None:
+    """Refuse, before any work, a model whose optimize() would not fit in memory (see memory.py)."""
+    kv_pool = 0
+    geometry = memory.config_geometry(model)
+    if config.cache.paged and geometry is not None:
+        per_block = geometry.bytes_per_token() * config.cache.block_size
+        kv_pool = default_pool_blocks(geometry, config.cache, seq_len) * per_block
+    prepacked = getattr(lowering, "prepacked_copies", None)
+    dtype = next(model.parameters()).dtype
+    est = memory.estimate(model, backend_name, kv_pool, prepacked(dtype, device) if prepacked else 0)
+    memory.check_fits(est, device)
 
 
 class _Stage:
@@ -193,9 +206,10 @@ def optimize(
     device = next(model.parameters()).device
     backend_name = config.backend or default_backend(device)
     lowering = get_backend(backend_name, config.backend_options)
+    check_memory(model, config, seq_len, backend_name, lowering, device)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    store = _compile_cache(cache, backend_name)
+    store = _compile_cache(cache, backend_name, model)
     key = None
     if store is not None:
         with _Stage("cache key", timings):
@@ -270,7 +284,13 @@ def executor_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _compile_cache(cache, backend_name: str):
+# Models with more weight bytes than this skip the compile cache: an entry is a bundle, whose
+# engine files each hold a copy of the weights, and a process served from it would load one
+# copy per phase (in-process lowering shares the model's own memory instead, see memory.py).
+CACHE_MAX_WEIGHT_BYTES = 1 << 30
+
+
+def _compile_cache(cache, backend_name: str, model=None):
     """The compile cache optimize() uses, or None: ``cache`` is True/False/None (None:
     on unless ``PDCOMPILE_CACHE=0``), or a folder, or a :class:`compile_cache.CompileCache`."""
     if cache is None:
@@ -280,6 +300,10 @@ def _compile_cache(cache, backend_name: str):
     backend = backend_class(backend_name)
     if not (backend.exportable and backend.cacheable):
         logger.debug("compile cache: the %s backend has no engine files to cache; compiling", backend_name)
+        return None
+    if model is not None and (size := memory.weight_bytes(model)) > CACHE_MAX_WEIGHT_BYTES:
+        logger.info("compile cache: not used for %.1f GB of weights (its entries hold a copy of the weights per "
+                    "phase; over %.0f GB optimize() compiles each time)", size / 1e9, CACHE_MAX_WEIGHT_BYTES / 1e9)
         return None
     if cache is True:
         return compile_cache.CompileCache()
