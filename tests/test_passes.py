@@ -243,7 +243,7 @@ def test_graph_dumps(tmp_path, monkeypatch):
     run_pipeline(cap.prefill, PREFILL_PIPELINE, cap.ctx("prefill"))
     files = sorted(os.listdir(tmp_path / "prefill"))
     assert files == ["00_captured_graph.txt", "01_remove_noops_after.txt", "02_fuse_causal_mask_after.txt",
-                     "03_prune_final_layer_after.txt", "04_paged_kv_after.txt"]
+                     "03_prune_final_layer_after.txt", "04_paged_kv_after.txt", "05_quantize_weights_after.txt"]
     assert "scaled_dot_product_attention" in (tmp_path / "prefill" / files[0]).read_text()
     assert "pdcompile.attention" in (tmp_path / "prefill" / files[2]).read_text()
     assert "pool_0" in (tmp_path / "prefill" / files[4]).read_text()
