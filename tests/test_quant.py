@@ -133,11 +133,13 @@ def test_backend_matches_eager_quantized(backend, bits, atol):
 
 
 def test_onnx_graph_uses_matmul_nbits():
-    from pdcompile.backends.onnxruntime import onnx_model
+    import onnx_ir as ir
+
+    from pdcompile.backends.onnxruntime import onnx_ir_model
 
     _, fast = quantized("eager", "int4")
     g = fast.graphs["decode"]
-    proto = onnx_model(g.gm, g.ctx)
+    proto = ir.serde.serialize_model(onnx_ir_model(g.gm, g.ctx))
     ops = [(n.domain, n.op_type) for n in proto.graph.node]
     assert ops.count(("com.microsoft", "MatMulNBits")) == 15
     assert ("", "MatMul") not in ops or all(
