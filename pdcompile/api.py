@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from . import capture as capture_mod
-from . import compile_cache
+from . import compile_cache, memory
 from .backends import backend_class, default_backend, get_backend
-from .config import CacheConfig, OptimizeConfig, PassConfig
+from .config import CacheConfig, OptimizeConfig, PassConfig, QuantConfig
 from .executor import StepExecutor
 from .kv_cache import ContiguousKV, PagedKV
 from .passes import DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, paged_kv, run_pipeline
@@ -33,13 +33,16 @@ def default_max_seq_len(config) -> int:
 
 
 def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_size, max_seq_len, disable_passes,
-                    **cache_options):
+                    weights=None, **cache_options):
     if config is None:
         config = OptimizeConfig(
             backend=backend,
             cache=CacheConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, **cache_options),
             passes=PassConfig(disabled=frozenset(disable_passes)),
+            quant=QuantConfig.parse(weights),
         )
+    elif weights is not None:
+        raise ValueError("pass weights= or config=OptimizeConfig(quant=QuantConfig(...)), not both")
     model_limit = default_max_seq_len(model.config)
     seq = config.cache.max_seq_len
     if seq is None:
@@ -72,6 +75,19 @@ def default_pool_blocks(geometry, cache: CacheConfig, seq_len: int) -> int:
         full = cache.max_batch_size * -(-seq_len // cache.block_size) * per_block
         budget = min(full, 512 << 20)
     return max(2, budget // per_block + 1)
+
+
+def check_memory(model, config: OptimizeConfig, seq_len: int, backend_name: str, lowering, device) -> None:
+    """Refuse, before any work, a model whose optimize() would not fit in memory (see memory.py)."""
+    kv_pool = 0
+    geometry = memory.config_geometry(model)
+    if config.cache.paged and geometry is not None:
+        per_block = geometry.bytes_per_token() * config.cache.block_size
+        kv_pool = default_pool_blocks(geometry, config.cache, seq_len) * per_block
+    prepacked = getattr(lowering, "prepacked_copies", None)
+    dtype = next(model.parameters()).dtype
+    est = memory.estimate(model, backend_name, kv_pool, prepacked(dtype, device) if prepacked else 0)
+    memory.check_fits(est, device)
 
 
 class _Stage:
@@ -139,7 +155,7 @@ def run_phase_pipeline(gm, signature, config: OptimizeConfig, seq_len: int, devi
     """The phase's pipeline over ``gm``; returns the graph with its final context, and the pass records."""
     ctx = PassContext(phase=signature.phase, signature=signature,
                       cache=dataclasses.replace(config.cache, max_seq_len=seq_len), passes=config.passes,
-                      device=device)
+                      device=device, quant=config.quant)
     gm, records, ctx = run_pipeline(gm, PIPELINES[signature.phase], ctx)
     return PhaseGraph(gm, ctx), records
 
@@ -155,6 +171,7 @@ def optimize(
     block_size: int = 16,
     prefix_cache: bool = True,
     kv_cache_memory: int | None = None,
+    weights: str | QuantConfig | None = None,
     config: OptimizeConfig | None = None,
     cache=None,
 ) -> OptimizedModel:
@@ -172,6 +189,8 @@ def optimize(
         prefix_cache: reuse cached blocks of a repeated prompt prefix (paged only).
         kv_cache_memory: bytes for the paged pool (default: enough for max_batch_size
             full-length sequences, at most 512 MiB).
+        weights: "int8" / "int4" (weight-only, group-wise, see :class:`QuantConfig`), a
+            :class:`QuantConfig`, or None (the model's weights as they are).
         config: an :class:`OptimizeConfig` instead of the keyword arguments (block size,
             pool size in blocks, backend options).
         cache: the persistent compile cache (see :mod:`pdcompile.compile_cache`): ``None``
@@ -181,15 +200,16 @@ def optimize(
     Returns an :class:`OptimizedModel` with the HF model's generate()/forward().
     """
     capture_mod.check_supported(model)  # before anything reads model.config: one clear refusal
-    config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes,
+    config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes, weights,
                                       paged=paged, block_size=block_size, prefix_cache=prefix_cache,
                                       kv_cache_memory=kv_cache_memory)
     device = next(model.parameters()).device
     backend_name = config.backend or default_backend(device)
     lowering = get_backend(backend_name, config.backend_options)
+    check_memory(model, config, seq_len, backend_name, lowering, device)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
-    store = _compile_cache(cache, backend_name)
+    store = _compile_cache(cache, backend_name, model)
     key = None
     if store is not None:
         with _Stage("cache key", timings):
@@ -264,7 +284,13 @@ def executor_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _compile_cache(cache, backend_name: str):
+# Models with more weight bytes than this skip the compile cache: an entry is a bundle, whose
+# engine files each hold a copy of the weights, and a process served from it would load one
+# copy per phase (in-process lowering shares the model's own memory instead, see memory.py).
+CACHE_MAX_WEIGHT_BYTES = 1 << 30
+
+
+def _compile_cache(cache, backend_name: str, model=None):
     """The compile cache optimize() uses, or None: ``cache`` is True/False/None (None:
     on unless ``PDCOMPILE_CACHE=0``), or a folder, or a :class:`compile_cache.CompileCache`."""
     if cache is None:
@@ -274,6 +300,10 @@ def _compile_cache(cache, backend_name: str):
     backend = backend_class(backend_name)
     if not (backend.exportable and backend.cacheable):
         logger.debug("compile cache: the %s backend has no engine files to cache; compiling", backend_name)
+        return None
+    if model is not None and (size := memory.weight_bytes(model)) > CACHE_MAX_WEIGHT_BYTES:
+        logger.info("compile cache: not used for %.1f GB of weights (its entries hold a copy of the weights per "
+                    "phase; over %.0f GB optimize() compiles each time)", size / 1e9, CACHE_MAX_WEIGHT_BYTES / 1e9)
         return None
     if cache is True:
         return compile_cache.CompileCache()

@@ -286,7 +286,7 @@ def cmd_inspect(args) -> int:
     import os
 
     from .api import _resolve_config, transform
-    from .config import CacheConfig, OptimizeConfig, PassConfig
+    from .config import CacheConfig, OptimizeConfig, PassConfig, QuantConfig
 
     if args.dump:
         os.environ["PDCOMPILE_DUMP_DIR"] = args.dump
@@ -294,17 +294,34 @@ def cmd_inspect(args) -> int:
     with _progress(console, f"loading model {args.model}"):
         model, _ = load_model(args.model)
     config = OptimizeConfig(backend="eager", cache=CacheConfig(max_seq_len=args.max_seq_len),
-                            passes=PassConfig(disabled=frozenset(args.disable)))
+                            passes=PassConfig(disabled=frozenset(args.disable)), quant=QuantConfig.parse(args.weights))
+    if args.check and config.quant is None:
+        raise SystemExit("--check compares a quantized graph with fp32: pass --weights int8 or int4")
     config, seq_len = _resolve_config(model, config, None, None, None, None)
     with _progress(console, "capture + passes"):
-        _, _, report, _ = transform(model, config, seq_len, {})
+        _, graphs, report, _ = transform(model, config, seq_len, {})
     report.backend = "-"
     print_report(report, console)
+    if args.check:
+        from .quant_check import layer_errors
+
+        g = graphs["prefill"]
+        rows = layer_errors(g.gm, g.ctx.signature, model.config.vocab_size)
+        print(f"per-layer relative output error, prefill graph, {args.weights} vs fp32 weights "
+              "(same input: the quantized graph's activation, 32 random tokens)")
+        for r in rows:
+            print(f"  {r['layer']:60s} {r['out_features']:7d}  {r['rel_error']:.2e}")
+        if rows:
+            errs = [r["rel_error"] for r in rows]
+            print(f"  {len(rows)} layers: mean {sum(errs) / len(errs):.2e}, max {max(errs):.2e}")
     if args.dump:
         print(f"graphs before/after every pass: {args.dump}/<phase>/")
     if args.json:
+        out = report.to_dict()
+        if args.check:
+            out["layer_errors"] = rows
         with open(args.json, "w") as f:
-            json.dump(report.to_dict(), f, indent=2, default=str)
+            json.dump(out, f, indent=2, default=str)
     return 0
 
 
@@ -496,6 +513,9 @@ def main(argv=None) -> int:
     p.add_argument("--disable", nargs="*", default=[], metavar="PASS", help="passes to switch off")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    p.add_argument("--weights", choices=["int8", "int4"], help="quantize the weights (the quantize_weights pass)")
+    p.add_argument("--check", action="store_true",
+                   help="with --weights: each quantized layer's output error against its fp32 weight")
     p.set_defaults(fn=cmd_inspect)
 
     p = sub.add_parser("export", help="optimize a model and write its engines as a bundle")

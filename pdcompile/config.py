@@ -50,6 +50,62 @@ class PassConfig:
 
 
 @dataclass(frozen=True)
+class QuantConfig:
+    """Weight-only quantization of the linear layers (the quantize_weights pass).
+
+    bits: 8 or 4. group_size: weights per scale along in_features; a power of two >= 16
+        (ONNX Runtime's MatMulNBits) that divides every quantized layer's in_features.
+        32 by default: it divides the dimensions of every model this project measures
+        (SmolLM2's hidden size 576 is no multiple of 64 or 128), it is the group of
+        llama.cpp's Q8_0/Q4_0 and ONNX Runtime GenAI's default block, and a group's fp32
+        scale adds 1 bit per weight (1.25 bytes per int8 weight, 0.625 per int4).
+    symmetric: codes centred on 2 ** (bits - 1) with no zero points stored; asymmetric
+        groups store a zero point each and spend all 2 ** bits codes on [min, max].
+    lm_head: quantize the output projection too. On by default: it is the largest
+        matrix (21% of SmolLM2's weight bytes, 30% of R1's) and decode reads it every
+        step; llama.cpp Q8_0 and ONNX Runtime GenAI int4 quantize it as well. Its error
+        shows in the logits directly: benchmarks/accuracy.py measures both settings.
+    prefill: "quantized" (the quantized op, as decode) or "dequantized" (prefill's
+        linears read fp32 weights dequantized from the same codes once, so both phases
+        compute the same function and prefill keeps dense fp32 matmuls, at 4 bytes per
+        weight more memory). Applies to prefill, extend and score graphs.
+    prefill_accuracy_level / decode_accuracy_level: ONNX Runtime's MatMulNBits compute
+        type per phase (0: fp32; 4: int8 activations on VNNI/AMX CPUs, a prefill option).
+        Other backends compute in fp32 whatever it says.
+    """
+
+    bits: int = 8
+    group_size: int = 32
+    symmetric: bool = True
+    lm_head: bool = True
+    prefill: str = "quantized"
+    prefill_accuracy_level: int = 0
+    decode_accuracy_level: int = 0
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8 (weights='int8' or 'int4'), got {self.bits!r}")
+        g = self.group_size
+        if not isinstance(g, int) or g < 16 or g & (g - 1):
+            raise ValueError(f"group_size must be a power of two >= 16 (ONNX Runtime MatMulNBits), got {g!r}")
+        if self.prefill not in ("quantized", "dequantized"):
+            raise ValueError(f"prefill must be 'quantized' or 'dequantized', got {self.prefill!r}")
+        for name in ("prefill_accuracy_level", "decode_accuracy_level"):
+            if getattr(self, name) not in (0, 1, 2, 3, 4):
+                raise ValueError(f"{name} must be 0-4 (MatMulNBits accuracy_level), got {getattr(self, name)!r}")
+
+    @classmethod
+    def parse(cls, weights) -> "QuantConfig | None":
+        """``optimize(weights=...)``: None / "fp32" (no quantization), "int8", "int4", or a QuantConfig."""
+        if weights is None or isinstance(weights, cls):
+            return weights
+        presets = {"fp32": None, "int8": 8, "int4": 4}
+        if weights not in presets:
+            raise ValueError(f"weights must be 'int8', 'int4', 'fp32', None or a QuantConfig, got {weights!r}")
+        return None if presets[weights] is None else cls(bits=presets[weights])
+
+
+@dataclass(frozen=True)
 class OptimizeConfig:
     """Everything :func:`pdcompile.optimize` needs besides the model."""
 
@@ -58,3 +114,4 @@ class OptimizeConfig:
     passes: PassConfig = field(default_factory=PassConfig)
     # the backend's own frozen options (e.g. backends.onnxruntime.OrtOptions); None: its defaults
     backend_options: object | None = None
+    quant: QuantConfig | None = None  # weight-only int8/int4; None: the model's weights as they are

@@ -21,6 +21,7 @@ Anything else (beam search, assisted decoding, ...) is listed by
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -408,6 +409,48 @@ def run_generate(
     return sequences
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Run the per-step logits work on the calling thread only.
+
+    A processor touches the whole ``[B, vocab]`` row a few times (clone, where, isin):
+    above 32768 elements (SmolLM2's 49152-token vocab) each op is an OpenMP parallel
+    region, and after each region libgomp's workers spin-wait for more work, ~10 ms of
+    CPU each here. In HF eager the next op is torch's again and picks the spinning
+    workers up; here the next thing is the graph, which on onnxruntime has its own
+    threads, so a spinning worker takes one of the cores the graph needs: measured
+    on 2 cores, ``MinNewTokensLengthLogitsProcessor`` over 49152 logits costs 31 ms of
+    CPU per call (0.9 ms on one thread), and a SmolLM2 decode step +6.5 ms
+    (benchmarks/processors.py measures it). The work itself is under a millisecond on one
+    thread, and a second thread barely shortens it.
+    ``torch.set_num_threads`` costs ~0.25 us. It is process-wide: torch work in another
+    Python thread during these microseconds also runs on one thread (slower, never wrong).
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+def _select(logits, ids, config, procs, scores, raw_logits, want_scores, want_logits) -> torch.Tensor:
+    """One step's next tokens [B] from the graph's logits [B, V]: processors, then argmax or sampling."""
+    next_logits = logits.to(torch.float32)
+    next_scores = procs(ids, next_logits) if procs else next_logits
+    if want_scores:
+        scores.append(next_scores)
+    if want_logits:
+        raw_logits.append(next_logits)
+    if config.do_sample:
+        probs = torch.softmax(next_scores, dim=-1)
+        return torch.multinomial(probs, num_samples=1).squeeze(1)
+    return torch.argmax(next_scores, dim=-1)
+
+
 def _loop(runner, seqs, seq, cur, config, procs, eos, pad, stopping_criteria, streamer,
           want_scores, want_logits, max_new, emitted):
     """Prefill, then one decode step per token; fills ``seq`` from column ``cur``."""
@@ -417,17 +460,8 @@ def _loop(runner, seqs, seq, cur, config, procs, eos, pad, stopping_criteria, st
     logits = runner.prefill(seqs)
     deadline = time.perf_counter() + config.max_time if config.max_time is not None else None
     for step in range(max_new):
-        next_logits = logits.to(torch.float32)
-        next_scores = procs(seq[:, :cur], next_logits) if procs else next_logits
-        if want_scores:
-            scores.append(next_scores)
-        if want_logits:
-            raw_logits.append(next_logits)
-        if config.do_sample:
-            probs = torch.softmax(next_scores, dim=-1)
-            next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
-        else:
-            next_tokens = torch.argmax(next_scores, dim=-1)
+        with _one_thread():
+            next_tokens = _select(logits, seq[:, :cur], config, procs, scores, raw_logits, want_scores, want_logits)
         if eos is not None:
             next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
         seq[:, cur] = next_tokens

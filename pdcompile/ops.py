@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["attention", "attention_reference", "paged_attention", "paged_attention_reference", "DECOMPOSITIONS"]
+__all__ = ["attention", "attention_reference", "paged_attention", "paged_attention_reference", "DECOMPOSITIONS",
+           "weight_only_linear", "weight_only_linear_reference", "quantize_weight", "dequantize_weight"]
 
 
 def _visible(q_pos: torch.Tensor, sq: int, sk: int, window: int) -> torch.Tensor:
@@ -163,3 +164,110 @@ def paged_attention_grouped(q, k_pool, v_pool, block_table, q_pos, scale, window
     """:func:`paged_attention` for exporters without a GQA attention (see :func:`attention_grouped`)."""
     return attention_grouped(q, gather_blocks(k_pool, block_table), gather_blocks(v_pool, block_table),
                              q_pos, scale, window)
+
+
+# ----------------------------------------------------------------------------- weight-only quantization
+#
+# ``pdcompile::weight_only_linear`` keeps its weight in ONNX Runtime's MatMulNBits layout, so
+# the onnxruntime lowering hands the buffers over as they are and every backend reads the
+# same bytes (K = in_features, N = out_features, G = group_size, n = K // G groups per row):
+#
+#   qweight      uint8 [N, n, G * bits // 8]  codes along K, 4-bit codes two a byte, low nibble first
+#   scales       float [N * n]                one per group, the model's dtype
+#   zero_points  uint8 [N * ceil(n * bits / 8)] per group, packed like the codes; None: symmetric,
+#                the zero point is 2 ** (bits - 1) (8 or 128), as MatMulNBits assumes without one
+#
+#   w[o, g * G + j] = (code[o, g, j] - zero_point[o, g]) * scale[o, g]
+
+
+def _pack4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 values < 16 [..., 2m] -> [..., m], element 2i in the low nibble of byte i."""
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def _unpack4(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """``weight [N, K]`` -> ``(qweight, scales, zero_points or None)`` in the layout above.
+
+    Symmetric: scale = max|w| / (2 ** (bits - 1) - 1) per group, codes centred on 2 ** (bits - 1).
+    Asymmetric: the group's [min, max] (widened to contain 0) over all 2 ** bits codes.
+    An all-zero group gets scale 1 (its codes are the zero point, so it dequantizes to 0).
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    n_out, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"group_size {group_size} does not divide in_features {k}")
+    w = weight.detach().to(torch.float32).reshape(n_out, k // group_size, group_size)
+    qmax = 2**bits - 1
+    if symmetric:
+        zero = torch.full(w.shape[:2], 2 ** (bits - 1), dtype=torch.float32)
+        scale = w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)
+    else:
+        lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
+        scale = (hi - lo) / qmax
+        zero = torch.round(-lo / torch.where(scale == 0, 1.0, scale)).clamp(0, qmax)
+    scale = torch.where(scale == 0, 1.0, scale)
+    codes = (torch.round(w / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, qmax).to(torch.uint8)
+    qweight = _pack4(codes) if bits == 4 else codes
+    scales = scale.to(weight.dtype).reshape(-1)
+    zero_points = None
+    if not symmetric:
+        zp = zero.to(torch.uint8)
+        if bits == 4:
+            if zp.shape[1] % 2:  # MatMulNBits pads each row's zero points to whole bytes
+                zp = torch.cat([zp, torch.full((n_out, 1), 8, dtype=torch.uint8)], dim=1)
+            zp = _pack4(zp)
+        zero_points = zp.reshape(-1)
+    return qweight.contiguous(), scales.contiguous(), zero_points
+
+
+def dequantize_weight(qweight, scales, zero_points, bits: int, group_size: int) -> torch.Tensor:
+    """The ``[N, K]`` weight the layout above stands for, in the scales' dtype."""
+    n_out, n_groups = qweight.shape[0], qweight.shape[1]
+    codes = _unpack4(qweight) if bits == 4 else qweight  # [N, n, G]
+    if zero_points is None:
+        zero = torch.full((n_out, n_groups), 2 ** (bits - 1), dtype=torch.float32, device=qweight.device)
+    else:
+        zp = zero_points.reshape(n_out, -1)
+        zero = (_unpack4(zp) if bits == 4 else zp)[:, :n_groups].to(torch.float32)
+    scale = scales.reshape(n_out, n_groups).to(torch.float32)
+    w = (codes.to(torch.float32) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
+    return w.reshape(n_out, n_groups * group_size).to(scales.dtype)
+
+
+def weight_only_linear_reference(x, qweight, scales, zero_points, bias, bits: int, group_size: int,
+                                 accuracy_level: int = 0) -> torch.Tensor:
+    """``pdcompile::weight_only_linear`` in aten ops: dequantize, then ``linear``.
+
+    ``accuracy_level`` is ONNX Runtime's MatMulNBits compute type (0: the input's dtype, 4: int8
+    activations); it only selects the onnxruntime kernel, every other backend computes in x's dtype.
+    """
+    return torch.nn.functional.linear(x, dequantize_weight(qweight, scales, zero_points, bits, group_size), bias)
+
+
+@torch.library.custom_op("pdcompile::weight_only_linear", mutates_args=())
+def weight_only_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    accuracy_level: int = 0,
+) -> torch.Tensor:
+    """``linear(x, W, bias)`` with ``W`` stored group-wise in ``bits`` bits (layout above)."""
+    return weight_only_linear_reference(x, qweight, scales, zero_points, bias, bits, group_size, accuracy_level)
+
+
+@weight_only_linear.register_fake
+def _(x, qweight, scales, zero_points, bias, bits, group_size, accuracy_level=0):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+DECOMPOSITIONS[torch.ops.pdcompile.weight_only_linear.default] = weight_only_linear_reference

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .config import CacheConfig, PassConfig
+    from .config import CacheConfig, PassConfig, QuantConfig
 
 
 class Role(str, enum.Enum):
@@ -236,6 +236,7 @@ class PassContext:
     passes: "PassConfig"
     device: torch.device = torch.device("cpu")
     dump_dir: str | None = None
+    quant: "QuantConfig | None" = None  # weight-only quantization (None: off)
 
     @property
     def max_batch_size(self) -> int:

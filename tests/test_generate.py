@@ -271,3 +271,35 @@ def test_served_call_does_not_warn(pair):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+
+def test_processors_run_on_one_thread_and_thread_count_is_restored(pair):
+    """The per-step logits work runs with torch on one thread (see generation._one_thread:
+    spinning OpenMP workers would take the cores of the next graph run), and the caller's
+    thread count is back afterwards, also when a processor raises."""
+    seen = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(torch.get_num_threads())
+            return scores
+
+    class Fail(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            raise RuntimeError("processor failed")
+
+    _, fast = pair
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ids, mask = _prompt(1)
+        fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                      logits_processor=[Record()])
+        assert seen == [1] * 4
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="processor failed"):
+            fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                          logits_processor=[Fail()])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

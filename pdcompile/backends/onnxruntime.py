@@ -6,6 +6,13 @@ query heads grouped under their kv head (:func:`pdcompile.ops.attention_grouped`
 copy of the cache for grouped-query attention), and ``torch.onnx.export(dynamo=True)``
 writes the model.
 
+Weights: the session reads the model's own parameter memory. The ONNX model refers to
+every weight as external data and the session is handed OrtValues over the parameters
+(:func:`session_model`); linear layers read the ``[out, in]`` weights through
+``FusedMatMul(transB=1)`` rather than a transposed copy. So no model size runs into
+protobuf's 2 GB limit, and the weights are not duplicated per phase; only the decode
+session keeps ONNX Runtime's pre-packed copy of its matmul weights (``OrtOptions.prepack``).
+
 Running: inputs are bound from the torch tensors' memory (no copies) and every
 ``present_i`` output is bound to the buffer of its ``caches_i`` input, so the
 ScatterND that writes the new token's k/v updates the cache in place: one cache
@@ -19,6 +26,8 @@ Execution providers: TensorRT, CUDA, then CPU, whichever this onnxruntime build 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,16 +35,17 @@ import numpy as np
 import torch
 
 from ..ops import attention_grouped, paged_attention_grouped
+from ..passes.float32_compute import compute_in_float32
 from ..phase import PassContext, PhaseSignature
 from . import Backend
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
 
-
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
                "tensor(int64)": "int64", "tensor(int32)": "int32"}
+_TORCH_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(bfloat16)": torch.bfloat16}
 
 
 def _require_ort():
@@ -49,15 +59,40 @@ def _require_ort():
     return onnxruntime
 
 
+PREPACK = ("decode", "all", "none")
+
+
 @dataclass(frozen=True)
 class OrtOptions:
-    """threads: intra-op threads of each session (None: torch's thread count)."""
+    """threads: intra-op threads of each session (None: torch's thread count).
+
+    prepack: which phases' sessions let ONNX Runtime keep its own re-laid-out ("pre-packed")
+    copy of every matmul weight: "decode" (default), "all" or "none". The weights themselves
+    are shared with PyTorch (one copy in the process); a pre-packed copy costs their size
+    again, per session. Its matmul kernels are faster on pre-packed weights, which matters
+    for decode; a prompt's matmuls re-lay out each weight panel once per call, cheap next to
+    the prompt's compute. Measured on R1 (2-core machine, contended, so ratios only): decode
+    30 -> 17-22 ms/token pre-packed, prefill about 8% faster.
+    """
 
     threads: int | None = None
+    prepack: str = "decode"
+
+    def __post_init__(self):
+        if self.prepack not in PREPACK:
+            raise ValueError(f"OrtOptions.prepack must be one of {PREPACK}, got {self.prepack!r}")
+
+    def prepacks(self, phase: str) -> bool:
+        return self.prepack == "all" or (self.prepack == "decode" and phase == "decode")
 
 
-def onnx_model(gm: torch.fx.GraphModule, ctx: PassContext):
-    """The phase as an ``onnx.ModelProto`` with outputs ``logits, present_0, ...``."""
+def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext):
+    """The phase as an ``onnx_ir.Model`` with outputs ``logits, present_0, ...``.
+
+    Its weight initializers still hold the model's own parameter tensors (no copy): the
+    linear layers read them through ``FusedMatMul(transB=1)`` in PyTorch's ``[out, in]``
+    layout, so nothing needs a transposed copy.
+    """
     _require_ort()
     gm = copy_graph_module(gm)
     # Lower the canonical attention by tracing its ONNX-friendly decomposition during the
@@ -68,13 +103,250 @@ def onnx_model(gm: torch.fx.GraphModule, ctx: PassContext):
         if node.target in grouped:
             node.target = grouped[node.target]
     gm.recompile()
+    low = _half_dtype(gm) if ctx.device.type == "cpu" else None
+    upcast = low is not None
+    if upcast:
+        logger.info("ONNX Runtime's CPU provider has no %s matmul kernels: the %s graph computes in float32, "
+                    "reading the %s weights and KV cache where used (no float32 copy of the model)",
+                    low, ctx.phase, low)
+        compute_in_float32(gm, low)
     ep = export_program(gm, ctx, functional=True)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
-    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs)
-    _optimize_for_ort(prog.model)
-    _drop_identity_transposes(prog.model)
-    return prog.model_proto
+    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
+                             custom_translation_table=translation_table())
+    del ep
+    model = prog.model
+    _untransposed_weights(model)
+    _optimize_for_ort(model)
+    _drop_identity_transposes(model)
+    if upcast:
+        _cast_weights_where_used(model)
+        model.metadata_props[FLOAT32_COMPUTE] = "1"
+    return model
+
+
+def _cast_weights_where_used(model) -> int:
+    """Each ``FusedMatMul(x, Cast(W))`` over a 16-bit weight -> ``If(run-time true)`` around both.
+
+    ONNX Runtime's execution order puts nodes that read initializers only (the float32
+    casts of the weights) at the start of the run, so every layer's float32 weights would
+    be alive at once, twice the 16-bit model per session (measured on a 12-layer 0.5B:
+    the peak of a run grew by 41 MB per layer). Inside an If branch the cast runs when
+    the branch does, right before its matmul, and is freed after it: one weight at a time
+    (measured: the same peak for 2 and 12 layers). The condition is computed from ``x``
+    (always true) so that nothing can fold the If away.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    conditions: dict = {}
+    count = 0
+    for node in list(graph):
+        if node.op_type != "FusedMatMul" or node.domain != "com.microsoft":
+            continue
+        cast = node.inputs[1].producer()
+        if cast is None or cast.op_type != "Cast" or not cast.inputs[0].is_initializer() \
+                or len(cast.outputs[0].uses()) != 1:
+            continue
+        x, weight, out = node.inputs[0], cast.inputs[0], node.outputs[0]
+        if x not in conditions:
+            size = ir.node("Size", [x])
+            one = ir.node("Constant", [], {"value": ir.tensor(np.array(1, dtype=np.int64))})
+            total = ir.node("Add", [size.outputs[0], one.outputs[0]])
+            flag = ir.node("Cast", [total.outputs[0]], {"to": ir.DataType.BOOL})
+            for i, n in enumerate((size, one, total, flag)):
+                n.outputs[0].name = f"{out.name}_cond_{i}"
+            graph.insert_before(node, [size, one, total, flag])
+            conditions[x] = flag.outputs[0]
+
+        def branch(tag):
+            c = ir.node("Cast", [weight], {"to": cast.attributes["to"].as_int()})
+            c.outputs[0].name = f"{out.name}_{tag}_w"
+            mm = ir.node("FusedMatMul", [x, c.outputs[0]], {a.name: a for a in node.attributes.values()},
+                         domain="com.microsoft")
+            mm.outputs[0].name = f"{out.name}_{tag}"
+            mm.outputs[0].dtype, mm.outputs[0].shape = out.dtype or x.dtype, out.shape
+            return ir.Graph([], [mm.outputs[0]], nodes=[c, mm], name=f"{out.name}_{tag}",
+                            opset_imports=dict(model.opset_imports))
+
+        wrapped = ir.node("If", [conditions[x]], {"then_branch": branch("then"), "else_branch": branch("else")})
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [wrapped], [out], wrapped.outputs)
+        graph.remove(cast, safe=True)
+        count += 1
+    return count
+
+
+# Model metadata of a graph made by compute_in_float32: ONNX Runtime must not constant-fold
+# its weight casts (that would store a float32 copy of every bfloat16 weight).
+FLOAT32_COMPUTE = "pdcompile.float32_compute"
+
+
+def _half_dtype(gm: torch.fx.GraphModule) -> torch.dtype | None:
+    """bfloat16 or float16 when the graph's weights or KV cache are stored in it."""
+    tensors = [v for n in gm.graph.nodes if n.op == "placeholder" and isinstance(v := n.meta.get("val"), torch.Tensor)]
+    tensors += [t for t in list(gm.parameters()) + list(gm.buffers())]
+    return next((t.dtype for t in tensors if t.dtype in (torch.bfloat16, torch.float16)), None)
+
+
+def _untransposed_weights(model) -> int:
+    """``MatMul(x, Transpose(W))`` over a 2-D initializer ``W`` -> ``FusedMatMul(x, W, transB=1)``.
+
+    The exporter writes every ``linear`` as a MatMul of the transposed weight, and both
+    onnxscript's constant folding and ONNX Runtime's would fold that Transpose into a new,
+    transposed copy of the weight: one more copy of the whole model per phase. ONNX
+    Runtime's FusedMatMul reads ``W`` as it is (its M=1 decode kernel streams rows of W).
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
+            continue
+        transpose = node.inputs[1].producer()
+        if transpose is None or transpose.op_type != "Transpose" or transpose.domain not in ("", "ai.onnx"):
+            continue
+        weight = transpose.inputs[0]
+        perm = transpose.attributes.get("perm")
+        stored = weight.producer().inputs[0] if weight.producer() is not None and weight.producer().op_type == "Cast" \
+            else weight  # a bfloat16 weight read in float32 (compute_in_float32)
+        if not stored.is_initializer() or weight.shape is None or len(weight.shape) != 2 \
+                or perm is None or list(perm.as_ints()) != [1, 0]:
+            continue
+        fused = ir.node("FusedMatMul", [node.inputs[0], weight], {"transB": 1, "alpha": 1.0},
+                        domain="com.microsoft")
+        ir.convenience.replace_nodes_and_values(graph, node, [node], [fused], node.outputs, fused.outputs)
+        if not transpose.outputs[0].uses():
+            graph.remove(transpose, safe=True)
+        count += 1
+    if count:
+        model.opset_imports.setdefault("com.microsoft", 1)
+    return count
+
+
+# Initializers at least this large are not serialized: ONNX Runtime gets them as OrtValues
+# over the tensors' own memory (see session_model).
+_ALIAS_MIN_BYTES = 1024
+_WEIGHTS_FILE = "weights.placeholder"
+
+
+@dataclass
+class SessionModel:
+    """An ONNX model whose large initializers live in memory the process already has.
+
+    ``proto`` refers to each of them as external data in :data:`_WEIGHTS_FILE` (``data_bytes``
+    long); ``initializers`` holds an OrtValue over the tensor's own memory for each, and
+    ``keep`` the tensors that memory belongs to (OrtValues made this way do not own it).
+    """
+
+    proto: object
+    initializers: dict
+    keep: list
+    data_bytes: int
+
+
+def session_model(model, device: torch.device) -> SessionModel:
+    """Take the large initializers out of ``model`` (an ``onnx_ir.Model``, changed in place).
+
+    ONNX Runtime serializes nothing and copies nothing of them: the session is given the
+    OrtValues as shared initializers (``SessionOptions.add_initializer``, its mechanism for
+    sharing weights between sessions), so the weights exist once in the process, shared by
+    PyTorch and by every phase's session, and the proto stays far below protobuf's 2 GB
+    limit. (``add_external_initializers`` would copy them: measured, ONNX Runtime 1.32.)
+    """
+    import onnx_ir as ir
+    from torch.onnx._internal.exporter._core import TorchTensor
+
+    ort = _require_ort()
+    values, keep, offset = {}, [], 0
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < _ALIAS_MIN_BYTES:
+            continue
+        if isinstance(tensor, TorchTensor):  # a parameter or buffer, on the model's device, any dtype
+            raw = tensor.raw.detach()
+            if not raw.is_contiguous():
+                continue
+            keep.append(raw)
+            values[name] = ort.OrtValue.from_dlpack(raw.__dlpack__())
+        elif device.type == "cpu" and isinstance(tensor, ir.Tensor) and tensor.dtype.numpy().kind in "fiub":
+            array = np.ascontiguousarray(tensor.numpy())  # a constant computed by the optimizer
+            keep.append(array)
+            values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+        else:
+            continue  # serialized with the graph
+        value.const_value = ir.ExternalTensor(_WEIGHTS_FILE, offset, tensor.nbytes, tensor.dtype, shape=tensor.shape,
+                                              name=name)
+        offset += tensor.nbytes
+    return SessionModel(ir.serde.serialize_model(model), values, keep, offset)
+
+
+def _session(source, opts, device, shared: SessionModel | None, disabled_optimizers=()):
+    """An InferenceSession of ``source`` (a path or model bytes), or of ``shared``'s proto.
+
+    For a :class:`SessionModel`, ONNX Runtime insists that the external-data file its proto
+    names exists (it checks the path while loading the graph) even though every tensor in
+    it comes from ``add_initializer``: the proto goes into a temporary folder next to an
+    empty sparse file of the right length (no disk blocks), both gone once the session
+    is made. Nothing is read from that file: the tests compare outputs with PyTorch's.
+    """
+    ort = _require_ort()
+    kw = {"providers": providers(device), "disabled_optimizers": list(disabled_optimizers)}
+    if shared is None:
+        return ort.InferenceSession(source, opts, **kw)
+    for name, value in shared.initializers.items():
+        opts.add_initializer(name, value)
+    with tempfile.TemporaryDirectory(prefix="pdcompile-ort-") as tmp:
+        with open(os.path.join(tmp, _WEIGHTS_FILE), "wb") as f:
+            f.truncate(shared.data_bytes)
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as f:
+            f.write(shared.proto.SerializeToString())
+        return ort.InferenceSession(path, opts, **kw)
+
+
+def translation_table() -> dict:
+    """``pdcompile::`` ops the exporter writes as ONNX Runtime contrib ops (not decomposed)."""
+    return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits}
+
+
+def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, bits: int = 8, group_size: int = 32,
+                  accuracy_level: int = 0):
+    """``pdcompile::weight_only_linear`` -> ``com.microsoft::MatMulNBits`` (traced by the exporter).
+
+    The op's buffers already are MatMulNBits' inputs (codes [N, K/G, G*bits/8] low nibble
+    first, scales [N*K/G], packed uint8 zero points or none for the symmetric 2**(bits-1)),
+    so they become its initializers unchanged. The bias is a separate Add: MatMulNBits'
+    own bias input came late to onnxruntime, and the Add costs one small kernel.
+    """
+    from onnxscript import opset18 as op
+
+    n, n_groups = qweight.shape[0], qweight.shape[1]
+    y = _matmul_nbits_op()(x, qweight, scales, zero_points, K=n_groups * group_size, N=n, bits=bits,
+                           block_size=group_size, accuracy_level=accuracy_level)
+    return y if bias is None else op.Add(y, bias)
+
+
+def _matmul_nbits_op():
+    """MatMulNBits as an onnxscript op. onnx itself has no schema for ONNX Runtime's contrib
+    ops, and onnxscript needs one to tell inputs from attributes: this is the part of
+    onnxruntime's schema (contrib_defs.cc) the lowering uses."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attrs = [OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in ("K", "N", "bits", "block_size", "accuracy_level")]
+    schema = OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+                param("zero_points", "T3", param_option=optional)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)", "tensor(float16)"], ""), ("T2", ["tensor(uint8)"], ""),
+                          ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], "")],
+        attributes=attrs,
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
 
 
 def _optimize_for_ort(model) -> None:
@@ -106,16 +378,25 @@ def _drop_identity_transposes(model) -> None:
     IdentityEliminationPass()(model)
 
 
-def export_onnx(gm: torch.fx.GraphModule, ctx: PassContext, path: Path) -> None:
-    """Write the phase as an ONNX model file at ``path``."""
-    import onnx
+# Bundles: a phase whose weights are larger than this keeps them in a side file
+# ``<phase>.onnx.data`` (protobuf cannot hold a model over 2 GB). A module constant so that a
+# test can send a tiny model down the path a large one takes.
+EXTERNAL_DATA_BYTES = 1 << 30
 
-    proto = onnx_model(gm, ctx)
-    size = sum(p.numel() * p.element_size() for p in gm.parameters())
-    # protobuf caps a file at 2 GB: larger models keep their weights in a side file
-    big = size > 1_500_000_000
-    onnx.save_model(proto, str(path), save_as_external_data=big, all_tensors_to_one_file=True,
-                    location=path.name + ".data" if big else None)
+
+def export_onnx(gm: torch.fx.GraphModule, ctx: PassContext, path: Path) -> list[str]:
+    """Write the phase as an ONNX model file at ``path``; returns the file names written."""
+    import onnx_ir as ir
+
+    path = Path(path)
+    model = onnx_ir_model(gm, ctx)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+    if size > EXTERNAL_DATA_BYTES:
+        # onnx_ir writes the tensors one by one from the parameters' memory: no copy of the model
+        ir.save(model, path, external_data=path.name + ".data")
+        return [path.name, path.name + ".data"]
+    ir.save(model, path)
+    return [path.name]
 
 
 def providers(device: torch.device) -> list[str]:
@@ -134,8 +415,11 @@ def providers(device: torch.device) -> list[str]:
 class OrtPhase:
     """Callable running one ONNX phase model: the signature's inputs in order -> logits."""
 
-    def __init__(self, model, signature: PhaseSignature, device: torch.device, threads: int | None = None):
-        """``model``: an ONNX file path, or an in-memory ``onnx.ModelProto``."""
+    def __init__(self, model, signature: PhaseSignature, device: torch.device, threads: int | None = None,
+                 prepack: bool = True):
+        """``model``: an ONNX file path, an ``onnx.ModelProto``, or a :class:`SessionModel`
+        (weights shared with the process, see :func:`session_model`). ``prepack``: let ONNX
+        Runtime keep its own re-laid-out copy of each matmul weight (see OrtOptions)."""
         import onnx
 
         ort = _require_ort()
@@ -146,13 +430,28 @@ class OrtPhase:
         # Threads spin inside a run but stop at its end: idle sessions (prefill while
         # decoding, and the other way round) must not burn the cores the next run needs.
         opts.add_session_config_entry("session.force_spinning_stop", "1")
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.device = device
-        if isinstance(model, (str, Path)):
+        shared = model if isinstance(model, SessionModel) else None
+        self.keep = (shared.keep, shared.initializers) if shared else ()  # the memory the session reads
+        if shared:
+            proto, source = shared.proto, None
+        elif isinstance(model, (str, Path)):
             source = str(model)
             proto = onnx.load(source, load_external_data=False)
         else:
             proto, source = model, model.SerializeToString()
-        self.session = ort.InferenceSession(source, opts, providers=providers(device))
+        # what the session was given: the protobuf (graph, small constants) and the weights outside it
+        self.proto_bytes, self.shared_bytes = proto.ByteSize(), shared.data_bytes if shared else 0
+        float32_compute = any(p.key == FLOAT32_COMPUTE for p in proto.metadata_props)
+        if float32_compute:
+            # Its largest temporaries are float32 copies of single weights (the tied lm_head:
+            # the whole embedding table), made and freed once per run; the arena would keep
+            # a block of every size it met (measured: 1.9x the weights' float32 size kept).
+            opts.enable_cpu_mem_arena = False
+        self.session = _session(source, opts, device, shared, ["ConstantFolding"] if float32_compute else ())
+        self.logits_dtype = signature.outputs[0].dtype  # the model's: a float32-compute graph's are cast back
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         # per-call inputs (ids, positions, block table, ...) come first, then the caches/pools
@@ -191,7 +490,10 @@ class OrtPhase:
 
     def _bind(self, tensor: torch.Tensor, name: str, output: bool = False):
         if tensor.dtype not in _NP:
-            raise TypeError(f"the onnxruntime backend supports float32/float16 models, not {tensor.dtype}")
+            # no numpy dtype (bfloat16): bind an OrtValue over the tensor's memory (DLPack, no copy)
+            value = _require_ort().OrtValue.from_dlpack(tensor.__dlpack__())
+            (self._binding.bind_ortvalue_output if output else self._binding.bind_ortvalue_input)(name, value)
+            return
         kind, index = self._ort_device
         args = (name, kind, index, _NP[tensor.dtype], list(tensor.shape), tensor.data_ptr())
         (self._binding.bind_output if output else self._binding.bind_input)(*args)
@@ -211,7 +513,7 @@ class OrtPhase:
         for name, t in zip(self.input_names, self._small):
             self._bind(t, name)
         ids = self._small[0]
-        logits = torch.empty(ids.shape[0], *self._logits_tail(ids), dtype=caches[0].dtype, device=ids.device)
+        logits = torch.empty(ids.shape[0], *self._logits_tail(ids), dtype=self._out_dtype, device=ids.device)
         self._bind(logits, self.output_names[0], output=True)
         for i, name in enumerate(self.output_names[1:]):
             if not self.alias[i]:
@@ -222,10 +524,11 @@ class OrtPhase:
             for i, cache in enumerate(caches):
                 if not self.alias[i]:
                     cache.copy_(torch.from_numpy(outs[1 + i].numpy()))
-        return logits
+        return logits.to(self.logits_dtype)
 
     def _logits_tail(self, ids):
         if not hasattr(self, "_vocab"):
+            self._out_dtype = _TORCH_TYPES[self.session.get_outputs()[0].type]
             shape = self.session.get_outputs()[0].shape
             self._vocab = shape[-1] if isinstance(shape[-1], int) else None
             self._rank = len(shape)
@@ -240,22 +543,29 @@ class OrtBackend(Backend):
     options_class = OrtOptions
     native_code = False  # ONNX files are data: operators come from the installed onnxruntime
 
+    def prepacked_copies(self, dtype: torch.dtype, device: torch.device) -> int:
+        """Sessions of optimize() (prefill, decode) that will keep a pre-packed copy of the
+        weights: none for 16-bit weights on CPU, which are cast where used (nothing to pre-pack)."""
+        if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+            return 0
+        return sum(self.options.prepacks(p) for p in ("prefill", "decode"))
+
     def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> OrtPhase:
         try:
-            proto = onnx_model(gm, ctx)
+            model = onnx_ir_model(gm, ctx)
         except Exception as e:  # torch.onnx's own report is chained; the user reads what to do
             raise RuntimeError(
                 f"the onnxruntime backend could not lower the {ctx.phase} graph ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300]}). Use backend='inductor' or 'eager' for this model; for "
                 "mixture-of-experts models, model.set_experts_implementation('batched_mm') first (README)"
             ) from e
-        return OrtPhase(proto, ctx.signature, ctx.device, self.options.threads)
+        return OrtPhase(session_model(model, ctx.device), ctx.signature, ctx.device,
+                        self.options.threads, prepack=self.options.prepacks(ctx.phase))
 
     def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
-        """``<phase>.onnx`` (and ``<phase>.onnx.data`` for models over 1.5 GB) in ``folder``."""
-        name = f"{ctx.phase}.onnx"
-        export_onnx(gm, ctx, Path(folder) / name)
-        return {"files": [name] + ([name + ".data"] if (Path(folder) / (name + ".data")).exists() else [])}
+        """``<phase>.onnx`` (and ``<phase>.onnx.data`` beyond EXTERNAL_DATA_BYTES of weights) in ``folder``."""
+        return {"files": export_onnx(gm, ctx, Path(folder) / f"{ctx.phase}.onnx")}
 
     def load(self, folder: Path, entry: dict, ctx: PassContext) -> OrtPhase:
-        return OrtPhase(Path(folder) / entry["files"][0], ctx.signature, ctx.device, self.options.threads)
+        return OrtPhase(Path(folder) / entry["files"][0], ctx.signature, ctx.device, self.options.threads,
+                        prepack=self.options.prepacks(ctx.phase))

@@ -7,19 +7,21 @@ invariants every pass keeps.
 
 from __future__ import annotations
 
-from . import decode_attention_mask, fuse_causal_mask, paged_kv, prune_final_layer, remove_noops
+from . import decode_attention_mask, fuse_causal_mask, paged_kv, prune_final_layer, quantize_weights, remove_noops
 from .manager import GraphPass, PassError, PassRecord, PassResult, cleanup, refresh_meta, run_pipeline
 
 PREFILL_PIPELINE: list[GraphPass] = [
     remove_noops.PASS,
     fuse_causal_mask.PASS,
     prune_final_layer.PASS,  # after the fusion: it turns causal attention into one query per row
-    paged_kv.PASS,  # last: the passes above see the capture's contiguous caches
+    paged_kv.PASS,  # the passes above see the capture's contiguous caches
+    quantize_weights.PASS,  # last: the passes above match HF's linear layers
 ]
 DECODE_PIPELINE: list[GraphPass] = [
     remove_noops.PASS,
     decode_attention_mask.PASS,
     paged_kv.PASS,
+    quantize_weights.PASS,
 ]
 # New tokens after a cached prefix (prefix caching; later chunked prefill, speculative verify).
 EXTEND_PIPELINE: list[GraphPass] = [
@@ -27,12 +29,14 @@ EXTEND_PIPELINE: list[GraphPass] = [
     decode_attention_mask.PASS,  # S queries against the cache: keys 0..start[b] + i
     prune_final_layer.PASS,
     paged_kv.PASS,
+    quantize_weights.PASS,
 ]
 # Prefill returning every position's logits (forward() without logits_to_keep).
 SCORE_PIPELINE: list[GraphPass] = [
     remove_noops.PASS,
     fuse_causal_mask.PASS,
     paged_kv.PASS,
+    quantize_weights.PASS,
 ]
 
 ALL_PASSES = {p.name: p for p in PREFILL_PIPELINE + DECODE_PIPELINE + EXTEND_PIPELINE + SCORE_PIPELINE}
