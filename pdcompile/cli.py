@@ -405,13 +405,17 @@ def cmd_bench(args) -> int:
 
         os.environ["PDCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdcompile-bench-cache-")
     data = bench.run(model, cfg, progress=lambda m: logger.info(m))
-    out = args.json or f"bench-{spec.replace('/', '_')}.json"
-    bench.save_json(data, out)
-    print(bench.markdown_table(data))
+    return _write_results(bench, data, args.json or f"bench-{spec.replace('/', '_')}.json", args.plot)
+
+
+def _write_results(module, data: dict, out: str, plot: str | None) -> int:
+    """Save a benchmark's JSON, print its tables and draw its plots (bench and serve_bench alike)."""
+    module.save_json(data, out)
+    print(module.markdown_table(data))
     print(f"\nresults: {out}")
-    if args.plot:
-        bench.plot(data, args.plot)
-        print(f"plots: {args.plot}")
+    if plot:
+        module.plot(data, plot)
+        print(f"plots: {plot}")
     return 0
 
 
@@ -458,14 +462,7 @@ def _bench_serve(args, spec, model) -> int:
                                  systems=tuple(args.systems), backend=args.backend,
                                  max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
     data = serve_bench.run(model, cfg, progress=lambda m: logger.info(m))
-    out = args.json or f"bench-serve-{spec.replace('/', '_')}.json"
-    serve_bench.save_json(data, out)
-    print(serve_bench.markdown_table(data))
-    print(f"\nresults: {out}")
-    if args.plot:
-        serve_bench.plot(data, args.plot)
-        print(f"plots: {args.plot}")
-    return 0
+    return _write_results(serve_bench, data, args.json or f"bench-serve-{spec.replace('/', '_')}.json", args.plot)
 
 
 def _model_limit(model) -> int:
