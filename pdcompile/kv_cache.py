@@ -156,6 +156,7 @@ class PagedKV(ContiguousKV):
             per_block = sum(h * d for (h, d), cw in zip(geometry.kv_shapes(), windows) if cw == w) * item * block_size
             self.groups.append(_Group(w, BlockPool(num_blocks, block_size, per_block)))
         self.pool = self.groups[0].pool  # the full-attention layers' pool when the model has any
+        self.sliding = any(g.window for g in self.groups)
         # per layer k, v: [num_blocks, block_size, H, D], zeros (never NaN: masked slots still
         # enter the attention matmul with weight 0)
         self.pools = [torch.zeros(num_blocks, block_size, heads, dim, dtype=geometry.dtype, device=device)
@@ -168,7 +169,7 @@ class PagedKV(ContiguousKV):
 
     def stats(self) -> dict:
         out = {**self.pool.stats(), "bytes": sum(p.numel() * p.element_size() for p in self.pools)}
-        if len(self.groups) > 1 or self.groups[0].window:
+        if self.sliding:
             out["windows"] = {g.window: g.pool.stats() for g in self.groups}
         return out
 
@@ -291,7 +292,7 @@ class PagedKV(ContiguousKV):
             # forward() continues without a reservation; sliding layers take blocks as they go
             if any(p // self.block_size >= len(blocks[row]) for blocks in seqs.group_blocks):
                 self._ensure(seqs, row, p + 1)
-            if len(self.groups) > 1 or self.groups[0].window:
+            if self.sliding:
                 self._drop_out_of_window(seqs, row, p)
         tables = self._tables(seqs)
         buf = self.buffers(len(positions))
