@@ -6,6 +6,11 @@ repeats one token, which would make token-equality tests meaningless.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import torch
 import transformers as tf
 
@@ -153,3 +158,22 @@ class Ban(tf.LogitsProcessor):
 
     def __repr__(self):
         return f"Ban({self.token})"
+
+
+def generate_in_fresh_process(path, generate_kwargs: dict, load_kwargs: str = "", checks: str = "") -> torch.Tensor:
+    """``pdcompile.load(path)`` in a new Python process (nothing shared with this one), then
+    ``generate()`` on :func:`left_padded_batch`: the sequences it returned. ``checks``: Python
+    lines run on the loaded model ``m`` first."""
+    script = (
+        "import json, sys, torch, pdcompile\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "import models\n"
+        "ids, mask = models.left_padded_batch()\n"
+        f"m = pdcompile.load({str(path)!r}{', ' + load_kwargs if load_kwargs else ''})\n"
+        f"{checks}"
+        f"out = m.generate(input_ids=ids, attention_mask=mask, **{generate_kwargs!r})\n"
+        "print(json.dumps(out.tolist()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))

@@ -1,10 +1,7 @@
 """pdcompile.export / pdcompile.load: round trip in a fresh process, corruption, no pickle."""
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +12,6 @@ import pdcompile
 from conftest import optimized
 from pdcompile.manifest import FORMAT_VERSION, digest
 
-HERE = os.path.dirname(__file__)
 KW = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
 
 
@@ -31,19 +27,7 @@ def test_load_in_fresh_process_same_tokens(bundle):
     backend, model, path = bundle
     ids, mask = models.left_padded_batch()
     ref = model.generate(input_ids=ids, attention_mask=mask, **KW)
-    script = (
-        "import json, sys, torch, pdcompile\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import models\n"
-        "ids, mask = models.left_padded_batch()\n"
-        f"m = pdcompile.load({str(path)!r}, trust_native_code=True)\n"
-        "assert m.original_model is None\n"
-        f"out = m.generate(input_ids=ids, attention_mask=mask, **{KW!r})\n"
-        "print(json.dumps(out.tolist()))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = models.generate_in_fresh_process(path, KW, "trust_native_code=True", "assert m.original_model is None\n")
     assert torch.equal(out, ref)
 
 

@@ -9,11 +9,6 @@ accumulates in blocks (2e-3); inductor's fused dequantize + matmul (1e-3); greed
 identical in both. int8 against fp32: see test_int8_greedy_agrees_with_fp32.
 """
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -22,7 +17,6 @@ import pdcompile
 from pdcompile import QuantConfig
 from pdcompile.ops import dequantize_weight, quantize_weight
 
-HERE = os.path.dirname(__file__)
 KW = dict(max_new_tokens=24, do_sample=False, pad_token_id=0)
 _CACHE = {}
 
@@ -177,18 +171,7 @@ def test_bundle_round_trip_in_fresh_process(tmp_path):
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     ids, mask = models.left_padded_batch()
     ref = fast.generate(input_ids=ids, attention_mask=mask, **KW)
-    script = (
-        "import json, sys, torch, pdcompile\n"
-        f"sys.path.insert(0, {HERE!r})\n"
-        "import models\n"
-        "ids, mask = models.left_padded_batch()\n"
-        f"m = pdcompile.load({str(path)!r})\n"
-        f"out = m.generate(input_ids=ids, attention_mask=mask, **{KW!r})\n"
-        "print(json.dumps(out.tolist()))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert torch.equal(torch.tensor(json.loads(proc.stdout.strip().splitlines()[-1])), ref)
+    assert torch.equal(models.generate_in_fresh_process(path, KW), ref)
     assert size > 0
 
 
