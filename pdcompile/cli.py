@@ -458,8 +458,9 @@ def cmd_serve(args) -> int:
 def _bench_serve(args, spec, model) -> int:
     from . import serve_bench
 
+    systems = args.systems or [s for s in serve_bench.SYSTEMS if s != "transformers-serve" or spec != "r1"]
     cfg = serve_bench.LoadConfig(model=spec, rates=tuple(args.rates), num_requests=args.num_requests, seed=args.seed,
-                                 systems=tuple(args.systems), backend=args.backend,
+                                 systems=tuple(systems), backend=args.backend,
                                  max_batch_size=args.max_batch_size, max_prefill_tokens=args.max_prefill_tokens)
     data = serve_bench.run(model, cfg, progress=lambda m: logger.info(m))
     return _write_results(serve_bench, data, args.json or f"bench-serve-{spec.replace('/', '_')}.json", args.plot)
@@ -567,7 +568,9 @@ def main(argv=None) -> int:
     g.add_argument("--rates", nargs="*", type=float, default=[0.25, 0.5, 1.0, 2.0, 4.0], help="requests/s")
     g.add_argument("--num-requests", type=int, default=64, help="requests per rate")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--systems", nargs="*", default=["pdcompile-engine", "hf-continuous-batching", "pdcompile-static"])
+    g.add_argument("--systems", nargs="*", default=None,
+                   help="default: pdcompile-engine hf-continuous-batching pdcompile-static, and transformers-serve "
+                        "(HTTP) when the model is a folder with a tokenizer (smollm2 or a path)")
     g.add_argument("--backend", default=None, help="pdcompile's backend for --serve (default: per device)")
     g.add_argument("--max-batch-size", type=int, default=8)
     g.add_argument("--max-prefill-tokens", type=int, default=256)

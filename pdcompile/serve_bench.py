@@ -13,7 +13,13 @@ each warmed up first:
   (``generate_batch`` / ``transformers serve`` use it), on the HF model;
 * ``pdcompile-static``: pdcompile's ``generate()`` as a static batcher: whenever the
   model is free, every request that has arrived (up to ``max_batch_size``) runs as one
-  left-padded batch until its longest output is done.
+  left-padded batch until its longest output is done;
+* ``transformers-serve``: ``transformers serve --continuous-batching`` (the same manager
+  behind its own FastAPI server) in a child process, over HTTP on loopback: streaming
+  ``/v1/completions``, one client thread per request. Its completions endpoint takes text
+  only, so each prompt is the decoded text of the trace's token ids (re-tokenized by the
+  server: lengths differ by a few tokens; the JSON records the server's prompt counts). It
+  needs the model as a folder with a tokenizer (``smollm2`` or a path, not ``r1``).
 
 Per request: TTFT (arrival to first token), TPOT (mean gap between its later tokens).
 Per system and rate: output tokens/s over the run (first arrival to last finish), TTFT and
@@ -36,7 +42,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SYSTEMS = ("pdcompile-engine", "hf-continuous-batching", "pdcompile-static")
+SYSTEMS = ("pdcompile-engine", "hf-continuous-batching", "pdcompile-static", "transformers-serve")
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,7 @@ class Record:
     first_token: float | None = None
     finished: float | None = None
     output_tokens: int = 0
+    prompt_tokens: int | None = None  # as the system counted them, where it differs from the trace
 
 
 def _at(t0: float, at: float) -> None:
@@ -162,6 +169,112 @@ class HFContinuous:
         self.manager.stop(block=True)
 
 
+class TransformersServe:
+    """``transformers serve --continuous-batching`` in a child process, driven over HTTP."""
+
+    def __init__(self, folder: str, cfg: LoadConfig, max_len: int, port: int = 0):
+        import pathlib
+        import shutil
+        import socket
+        import subprocess
+        import sys
+
+        import httpx
+        from transformers import AutoTokenizer
+
+        self.folder, self.tokenizer = str(folder), AutoTokenizer.from_pretrained(folder)
+        if not port:
+            with socket.socket() as sock:  # a free loopback port
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        # the CLI of the transformers this process imports (the venv's), else the one on PATH
+        exe = shutil.which("transformers", path=str(pathlib.Path(sys.executable).parent)) or "transformers"
+        page = 256  # as HFContinuous: HF's default page size, a pool the size of pdcompile's
+        cmd = [exe, "serve", str(folder), "--continuous-batching", "--host", "127.0.0.1", "--port", str(port),
+               "--device", "cpu", "--dtype", "float32", "--cb-block-size", str(page),
+               "--cb-num-blocks", str(cfg.max_batch_size * -(-max_len // page) + 1),
+               "--cb-max-batch-tokens", str(cfg.max_prefill_tokens), "--log-level", "warning"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.client = httpx.Client(base_url=self.url, timeout=httpx.Timeout(600.0, connect=5.0))
+        deadline = time.perf_counter() + 300
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {self.proc.returncode}: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if self.client.get("/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.perf_counter() > deadline:
+                self.close()
+                raise RuntimeError("transformers serve did not answer /health within 300 s")
+            time.sleep(0.5)
+
+    def _one(self, a: Arrival, rec: Record) -> None:
+        gen = {"do_sample": False, "max_new_tokens": a.max_tokens, "eos_token_id": -1}  # -1: no end of sequence
+        body = {"model": self.folder, "prompt": self.tokenizer.decode(a.prompt), "stream": True,
+                "generation_config": json.dumps(gen)}
+        with self.client.stream("POST", "/v1/completions", json=body) as resp:
+            if resp.status_code != 200:
+                raise RuntimeError(f"transformers serve answered {resp.status_code}: {resp.read()[:500]!r}")
+            for line in resp.iter_lines():
+                if not line.startswith("data:") or line.strip() == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise RuntimeError(f"transformers serve failed a request: {chunk['error']}")
+                if rec.first_token is None and any(c.get("text") for c in chunk.get("choices", [])):
+                    rec.first_token = time.perf_counter()
+                if chunk.get("usage"):
+                    rec.output_tokens = chunk["usage"]["completion_tokens"]
+                    rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
+        rec.finished = time.perf_counter()
+
+    def __call__(self, arrivals: list[Arrival]) -> list[Record]:
+        import threading
+
+        t0, records, threads, errors = time.perf_counter(), [], [], []
+
+        def run(a, rec):
+            try:
+                self._one(a, rec)
+            except Exception as e:  # noqa: BLE001 -- reported after the run
+                errors.append(e)
+
+        for a in arrivals:
+            _at(t0, a.at)
+            records.append(Record(t0 + a.at))
+            threads.append(threading.Thread(target=run, args=(a, records[-1]), daemon=True))
+            threads[-1].start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return records
+
+    def close(self):
+        self.client.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+
+
+def model_folder(spec: str) -> str:
+    """The folder ``transformers serve`` loads for a model spec of ``pdcompile bench``."""
+    import pathlib
+
+    from . import models
+
+    if spec == "smollm2":
+        return str(models.smollm2_path())
+    if pathlib.Path(spec).is_dir():
+        return spec
+    raise ValueError(f"transformers-serve needs a model folder with a tokenizer (smollm2 or a path), not {spec!r}")
+
+
 class _StepTimes:
     """A generate() streamer that records when each step's tokens came out."""
 
@@ -225,6 +338,10 @@ def run(hf, cfg: LoadConfig, progress=lambda msg: None, fast=None) -> dict:
     """Every system at every rate; returns the JSON-able results. ``fast``: ``hf`` already optimized."""
     from . import optimize
 
+    unknown = set(cfg.systems) - set(SYSTEMS)
+    if unknown:
+        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
+    folder = model_folder(cfg.model) if "transformers-serve" in cfg.systems else None  # refuse before any work
     vocab = hf.get_input_embeddings().weight.shape[0]
     limit = min(cfg.prompt_range[1] + cfg.output_range[1], getattr(hf.config, "max_position_embeddings", 1 << 30))
     if limit - cfg.output_range[1] < cfg.prompt_range[0]:
@@ -232,12 +349,12 @@ def run(hf, cfg: LoadConfig, progress=lambda msg: None, fast=None) -> dict:
     if fast is None and any(s.startswith("pdcompile") for s in cfg.systems):
         progress("optimize")
         fast = optimize(hf, backend=cfg.backend, max_batch_size=cfg.max_batch_size, max_seq_len=limit)
-    unknown = set(cfg.systems) - set(SYSTEMS)
-    if unknown:
-        raise ValueError(f"unknown systems {sorted(unknown)}; choose from {list(SYSTEMS)}")
     runners = {"pdcompile-engine": lambda a: run_engine(fast, a, cfg),
                "pdcompile-static": lambda a: run_static(fast, a, cfg)}
-    hf_cb = None
+    hf_cb = hf_serve = None
+    if "transformers-serve" in cfg.systems:
+        progress("transformers-serve: starting the server")
+        hf_serve = runners["transformers-serve"] = TransformersServe(folder, cfg, limit)
     if "hf-continuous-batching" in cfg.systems:
         progress("hf-continuous-batching: set-up")
         hf_cb = runners["hf-continuous-batching"] = HFContinuous(hf, cfg, cfg.output_range[1], limit)
@@ -258,6 +375,8 @@ def run(hf, cfg: LoadConfig, progress=lambda msg: None, fast=None) -> dict:
     finally:
         if hf_cb is not None:
             hf_cb.close()
+        if hf_serve is not None:
+            hf_serve.close()
     return {"config": asdict(cfg), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "torch_threads": torch.get_num_threads()},

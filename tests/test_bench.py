@@ -9,6 +9,7 @@ import json
 import math
 
 import models
+import pytest
 import torch
 
 from conftest import optimized
@@ -62,22 +63,49 @@ def test_bench_runs_every_system_and_the_kv_experiments(tmp_path):
     assert (tmp_path / "b.png").stat().st_size > 10_000
 
 
+def _word_tokenizer(vocab: int):
+    """A tokenizer whose decode -> encode round trip is exact: token i is the word "w<i:04d>"."""
+    from tokenizers import Tokenizer, models as tm, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # fixed-width words: a reloaded tokenizer that matches greedily still finds whole words
+    tok = Tokenizer(tm.WordLevel({f"w{i:04d}": i for i in range(vocab)}, unk_token="w0000"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0000", eos_token="w0001")
+
+
 def test_serve_load_benchmark_smoke(tmp_path):
-    """`pdcompile bench --serve` machinery on a tiny model: every system serves the same trace in full."""
+    """`pdcompile bench --serve` machinery on a tiny model: every system serves the same trace in full,
+    transformers serve included (a child process over HTTP, from the model saved as a folder)."""
     from pdcompile import serve_bench
 
-    cfg = serve_bench.LoadConfig(model="tiny-llama", rates=(4.0,), num_requests=6, prompt_median=20,
+    hf, fast = optimized("llama", "eager", block_size=8)  # shared with test_runtime, test_engine
+    folder = tmp_path / "tiny-llama"
+    hf.save_pretrained(folder)
+    tokenizer = _word_tokenizer(hf.config.vocab_size)
+    tokenizer.save_pretrained(folder)
+    cfg = serve_bench.LoadConfig(model=str(folder), rates=(4.0,), num_requests=6, prompt_median=20,
                                  prompt_range=(4, 80), output_median=8, output_range=(2, 16), backend="eager",
                                  max_batch_size=4, max_prefill_tokens=32)
     a, b = serve_bench.trace(cfg, 4.0, 256), serve_bench.trace(cfg, 4.0, 256)
     assert a == b and len(a) == 6 and a[0].at == 0 and all(x.at <= y.at for x, y in zip(a, a[1:]))
-    hf, fast = optimized("llama", "eager", block_size=8)  # shared with test_runtime, test_engine
     data = serve_bench.run(hf, cfg, fast=fast)
     assert [r["system"] for r in data["results"]] == list(serve_bench.SYSTEMS)
     for r in data["results"]:
         assert r["requests"] == 6 and r["full_outputs"], r["system"]
         assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
         assert 0 < r["tpot_p50_s"] <= r["tpot_p99_s"] and r["goodput_rps"] >= 0
+    served = next(r for r in data["results"] if r["system"] == "transformers-serve")
+    # the word tokenizer round-trips: the server saw the trace's prompts token for token
+    assert [rec["prompt_tokens"] for rec in served["records"]] == [len(x.prompt) for x in a]
     serve_bench.save_json(data, tmp_path / "load.json")
     assert json.loads((tmp_path / "load.json").read_text())["config"]["seed"] == 0
     assert "| pdcompile-engine | 4.0 |" in serve_bench.markdown_table(data)
+
+
+def test_serve_load_benchmark_refuses_transformers_serve_without_a_folder():
+    from pdcompile import serve_bench
+
+    cfg = serve_bench.LoadConfig(model="r1", systems=("transformers-serve",))
+    with pytest.raises(ValueError, match="needs a model folder with a tokenizer"):
+        serve_bench.run(None, cfg)
