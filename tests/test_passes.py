@@ -315,3 +315,62 @@ def test_incremental_metadata_equals_a_full_refresh(phase):
     kept = {n.name: _meta_key(n.meta["val"]) for n in gm.graph.nodes if n.op != "output"}
     refresh_meta(gm, full=True)
     assert kept == {n.name: _meta_key(n.meta["val"]) for n in gm.graph.nodes if n.op != "output"}
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_cost_estimate_counts_the_flops_torch_counts(phase):
+    """The estimate (symbolic shapes evaluated at the report shape, no run) counts the
+    matmul and attention FLOPs torch's FlopCounterMode counts when the captured graph runs
+    at that shape (attention with an explicit mask: the full score matrix, as estimated)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pdcompile.cost import REPORT_SHAPE, example_inputs
+
+    model = models.build("llama")
+    gm, sig = capture(model, 8, 256, phases=(phase,)).graphs[phase]
+    inputs = example_inputs(sig, REPORT_SHAPE["batch"], REPORT_SHAPE["prompt"], REPORT_SHAPE["capacity"])
+    # the math attention: its matmuls are what the counter sees (it does not count CPU flash attention)
+    with torch.no_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), \
+            FlopCounterMode(display=False) as counter:
+        gm(*inputs)
+    estimate = estimate_cost(gm, sig)
+    assert estimate["flops"] == counter.get_total_flops() > 0
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # RoPE's frequencies: the graph reads one
+    assert params <= estimate["weight_bytes"] <= params + buffers
+
+
+def test_metadata_refresh_runs_each_distinct_rewrite_once():
+    """A pass rewrites every layer the same way; the manager's refresh runs the fake kernel
+    once per distinct rewrite, so doubling the layers adds no fake-kernel runs (in-place
+    cache writes, whose value is their own input, run per layer)."""
+    import transformers as tf
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    from pdcompile.api import PIPELINES
+    from pdcompile.passes.manager import _writes_its_input
+
+    runs = []
+    counting = FakeTensorProp.run_node
+
+    def run_node(self, n):
+        if n.op == "call_function" and not _writes_its_input(n.target):
+            runs.append(n.target)
+        return counting(self, n)
+
+    counts = {}
+    for layers in (2, 4):
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=models.VOCAB, initializer_range=0.1, max_position_embeddings=512)).eval()
+        gm, sig = capture(model, 8, 256, phases=("decode",)).graphs["decode"]
+        runs.clear()
+        FakeTensorProp.run_node = run_node
+        try:
+            _, records, _ = run_pipeline(gm, PIPELINES["decode"], PassContext.make(sig, max_seq_len=256))
+        finally:
+            FakeTensorProp.run_node = counting
+        assert sum(r.matches for r in records) >= 2 * layers  # every layer was rewritten
+        counts[layers] = len(runs)
+    assert 0 < counts[4] == counts[2], counts

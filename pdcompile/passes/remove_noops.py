@@ -26,6 +26,8 @@ from .utils import aten, val
 NAME = "remove_noops"
 
 _INT_MAX = 2**63 - 1
+_CANDIDATES = {aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default,
+               aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.slice.Tensor}
 
 
 def _same(a, b) -> bool:
@@ -41,7 +43,7 @@ def _noop_input(node: torch.fx.Node) -> torch.fx.Node | None:
     if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
         return None
     x, t = node.args[0], node.target
-    if not _same(node, x):
+    if t not in _CANDIDATES or not _same(node, x):  # targets first: comparing symbolic shapes costs more
         return None
     if t in (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten._to_copy.default, aten.alias.default):
         copy = node.kwargs.get("copy", False) or (len(node.args) > 3 and node.args[3] is True)
