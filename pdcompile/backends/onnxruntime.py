@@ -36,8 +36,10 @@ import torch
 
 from ..ops import attention_grouped, paged_attention_grouped
 from ..passes.float32_compute import compute_in_float32
+from ..passes.functional_cache import functionalize_cache_writes
 from ..phase import PassContext, PhaseSignature
 from . import Backend
+from .ort_attention import GQA, group_query_attention_onnx, lower_group_query_attention
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ class OrtOptions:
         return self.prepack == "all" or (self.prepack == "decode" and phase == "decode")
 
 
-def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext):
+def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attention: bool = True):
     """The phase as an ``onnx_ir.Model`` with outputs ``logits, present_0, ...``.
 
     Its weight initializers still hold the model's own parameter tensors (no copy): the
@@ -95,14 +97,6 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext):
     """
     _require_ort()
     gm = copy_graph_module(gm)
-    # Lower the canonical attention by tracing its ONNX-friendly decomposition during the
-    # re-export (cheaper than a separate run_decompositions pass over the whole program).
-    grouped = {torch.ops.pdcompile.attention.default: attention_grouped,
-               torch.ops.pdcompile.paged_attention.default: paged_attention_grouped}
-    for node in gm.graph.nodes:
-        if node.target in grouped:
-            node.target = grouped[node.target]
-    gm.recompile()
     low = _half_dtype(gm) if ctx.device.type == "cpu" else None
     upcast = low is not None
     if upcast:
@@ -110,7 +104,18 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext):
                     "reading the %s weights and KV cache where used (no float32 copy of the model)",
                     low, ctx.phase, low)
         compute_in_float32(gm, low)
-    ep = export_program(gm, ctx, functional=True)
+    functionalize_cache_writes(gm, ctx.signature)
+    if group_query_attention:
+        lower_group_query_attention(gm, ctx)
+    # Lower the remaining canonical attention by tracing its ONNX-friendly decomposition during
+    # the re-export (cheaper than a separate run_decompositions pass over the whole program).
+    grouped = {torch.ops.pdcompile.attention.default: attention_grouped,
+               torch.ops.pdcompile.paged_attention.default: paged_attention_grouped}
+    for node in gm.graph.nodes:
+        if node.target in grouped:
+            node.target = grouped[node.target]
+    gm.recompile()
+    ep = export_program(gm, ctx)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
     prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
@@ -308,7 +313,7 @@ def _session(source, opts, device, shared: SessionModel | None, disabled_optimiz
 
 def translation_table() -> dict:
     """``pdcompile::`` ops the exporter writes as ONNX Runtime contrib ops (not decomposed)."""
-    return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits}
+    return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits, GQA: group_query_attention_onnx}
 
 
 def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, bits: int = 8, group_size: int = 32,
@@ -476,15 +481,21 @@ class OrtPhase:
         return sig(self.session.get_inputs()), sig(self.session.get_outputs())
 
     def _check_aliasing(self, model):
-        """Each cache input must feed only its ScatterND, or writing in place would be unsafe."""
+        """Each cache input must feed only its ScatterND, or be the past_key/past_value of one
+        GroupQueryAttention whose present is its ``present_i`` (GQA then writes into the shared
+        buffer), or writing in place would be unsafe."""
         consumers: dict[str, list[str]] = {}
+        gqa_present: dict[str, str] = {}  # past input -> the present output GQA writes it to
         for node in model.graph.node:
-            for name in node.input:
+            for slot, name in enumerate(node.input):
                 consumers.setdefault(name, []).append(node.op_type)
+                if node.op_type == "GroupQueryAttention" and slot in (3, 4):
+                    gqa_present[name] = node.output[slot - 2]
         self.alias = {}
         for i, name in enumerate(self.input_names[self.n_small:]):
             ops = [op for op in consumers.get(name, []) if op != "Shape"]
-            self.alias[i] = ops == ["ScatterND"]
+            self.alias[i] = ops == ["ScatterND"] or (
+                ops == ["GroupQueryAttention"] and gqa_present.get(name) == self.output_names[1 + i])
             if not self.alias[i]:
                 logger.warning("ONNX input %s is read by %s: its update will be copied, not written in place", name, ops)
 

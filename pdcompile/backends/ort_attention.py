@@ -1,0 +1,329 @@
+"""Cached attention -> ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (onnxruntime backend).
+
+Runs on the phase graph after :func:`functionalize_cache_writes`, before the re-export.
+Before (decode over contiguous caches; rotary as HF writes it)::
+
+    cos = cos(cat([pos[:, None, None].float() * inv_freq] * 2, -1))       # [B, 1, D], sin alike
+    q = q * cos[:, None] + cat([-q[..., D/2:], q[..., :D/2]], -1) * sin[:, None]   # k alike
+    present_k = index_put(caches_k, [rows, heads, pos], k[:, :, 0])       # v alike
+    out = pdcompile.attention(q, present_k, present_v, pos, scale, window)
+    return logits, present_k, present_v, ...
+
+After::
+
+    out, present_k, present_v = ort_group_query_attention(
+        q_pre_rotary, k_pre_rotary, v, caches_k, caches_v, pos, scale, window, cos_cache, sin_cache)
+
+which the exporter writes as one ``GroupQueryAttention`` node (``do_rotary=1`` with the
+``[capacity, D/2]`` cos/sin tables when the rotary matched, plain otherwise). The runtime
+binds ``present_k`` to the buffer of ``caches_k`` (OrtPhase), and GQA, seeing past and
+present share a buffer, writes the new token's k/v in place at ``seqlens_k = pos``: one
+kernel instead of the ScatterNDs, the grouped matmul/softmax and ~20 rotary kernels.
+
+Declines (the attention stays decomposed): a non-float32 graph or a non-CPU device (the
+CPU kernel is float32-only), prompts (q_pos None: prefill), anything but one token per
+row written at ``pos`` into a whole contiguous cache that only this attention reads,
+paged pools (GQA reads a contiguous cache; the paged graph keeps its gather), and
+different k/v head sizes. The rotary is folded in only when its cos/sin are computed from
+``pos`` alone, elementwise (checked by op, then evaluated at every position 0..capacity-1
+to build the tables, whose two halves must be equal: rotate-half layout) and both q and
+k are rotated by exactly HF's rotate-half pattern over the whole head; otherwise the graph
+keeps its own rotary and GQA gets rotated q/k.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+
+import torch
+
+from ..ops import attention_reference
+from ..passes.utils import ATTENTION, aten, val
+from ..phase import PassContext, Role
+
+logger = logging.getLogger(__name__)
+
+
+def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def group_query_attention_reference(q, k, v, past_k, past_v, pos, scale: float, window: int,
+                                    cos_cache=None, sin_cache=None):
+    """The op's semantics: q/k/v ``[B, H, S, D]`` of new tokens at positions ``pos[b] + i``
+    (rotated first when the tables are given, ``[capacity, D/2]``), written into copies of the
+    ``[B, Hkv, capacity, D]`` caches, then :func:`attention_reference` over them."""
+    b, _, s, _ = q.shape
+    positions = pos.view(-1, 1) + torch.arange(s, device=q.device).view(1, -1)  # [B, S]
+    if cos_cache is not None:
+        cos = torch.cat([cos_cache, cos_cache], -1)[positions].unsqueeze(1)  # [B, 1, S, D]
+        sin = torch.cat([sin_cache, sin_cache], -1)[positions].unsqueeze(1)
+        q, k = _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+    rows = torch.arange(b, device=q.device).view(-1, 1)
+    present_k, present_v = past_k.clone(), past_v.clone()
+    present_k.transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # [B, S, H, D] at [b, pos]
+    present_v.transpose(1, 2)[rows, positions] = v.transpose(1, 2)
+    return attention_reference(q, present_k, present_v, pos, scale, window), present_k, present_v
+
+
+@torch.library.custom_op("pdcompile::ort_group_query_attention", mutates_args=())
+def ort_group_query_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    past_k: torch.Tensor,
+    past_v: torch.Tensor,
+    pos: torch.Tensor,
+    scale: float,
+    window: int,
+    cos_cache: torch.Tensor | None,
+    sin_cache: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_query_attention_reference(q, k, v, past_k, past_v, pos, scale, window, cos_cache, sin_cache)
+
+
+@ort_group_query_attention.register_fake
+def _(q, k, v, past_k, past_v, pos, scale, window, cos_cache, sin_cache):
+    return q.new_empty(q.shape), past_k.new_empty(past_k.shape), past_v.new_empty(past_v.shape)
+
+
+GQA = torch.ops.pdcompile.ort_group_query_attention.default
+
+# Ops a rotary's cos/sin may be computed with from the positions: each output row depends
+# on the same row of pos only, so evaluating them at pos = 0..capacity-1 gives the table.
+_ROTARY_OPS = {aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default, aten.mul.Tensor, aten.mul.Scalar,
+               aten.cat.default, aten.cos.default, aten.sin.default, aten.view.default, aten.reshape.default,
+               aten.transpose.int, aten.expand.default, aten.clone.default, aten.alias.default}
+
+
+def lower_group_query_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Rewrite ``gm`` in place as described above; returns the number of attentions lowered."""
+    if ctx.device.type != "cpu":
+        return 0
+    graph = gm.graph
+    nodes = ctx.signature.nodes(gm)
+    pos = nodes[Role.POSITIONS][0] if nodes[Role.POSITIONS] else None
+    caches = set(nodes[Role.CACHE])
+    if pos is None or not caches or ctx.phase != "decode":
+        return 0
+    capacity = max(ctx.max_seq_len, 3)  # the cache's largest capacity (export_dims): every position a row reaches
+    tables: dict = {}  # cos node -> (cos_cache, sin_cache) get_attr nodes, or None
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not ATTENTION:
+            continue
+        q, kp, vp, q_pos, scale, window = (list(node.args) + [0])[:6]
+        writes = [_decode_write(w, pos, caches, node) for w in (kp, vp)]
+        if q_pos is not pos or None in writes or val(q).dtype != torch.float32 or val(q).shape[2] != 1:
+            continue
+        (k_cache, k), (v_cache, v) = writes
+        if val(k_cache).dtype != torch.float32 or val(k).shape[-1] != val(v).shape[-1] \
+                or val(k).shape[-1] != val(q).shape[-1] or val(q).shape[1] % val(k).shape[1]:
+            continue
+        rot = _rotary(q, k, pos, gm, capacity, tables)
+        with graph.inserting_before(node):
+            cos, sin = (None, None) if rot is None else rot[2]
+            args = (q if rot is None else rot[0], k if rot is None else rot[1], v, k_cache, v_cache, pos, scale,
+                    window, cos, sin)
+            gqa = graph.call_function(GQA, args)
+            outs = [graph.call_function(operator.getitem, (gqa, i)) for i in range(3)]
+        for new, old in zip(outs, (node, kp, vp)):
+            old.replace_all_uses_with(new)
+        for old in (node, kp, vp):
+            graph.erase_node(old)
+        done += 1
+    if done:
+        graph.eliminate_dead_code()
+        gm.recompile()
+        logger.info("%s: %d attention(s) -> GroupQueryAttention (%s)", ctx.phase, done,
+                    "rotary inside" if any(tables.values()) else "rotary outside")
+    return done
+
+
+def _decode_write(present, pos, caches, attention):
+    """``index_put(cache, [arange(B)[:, None], arange(H)[None, :], pos[:, None]], x[:, :, 0])`` (one token
+    per row, every head, at ``pos``; as functionalize_cache_writes writes it) -> (cache, x [B, H, 1, D]),
+    or None. Only the attention (and the graph's output) may read the written cache."""
+    if not isinstance(present, torch.fx.Node) or present.target is not aten.index_put.default:
+        return None
+    cache, indices, values = present.args
+    shape_reads = {u for u in cache.users if u.target is aten.sym_size.int}
+    if cache not in caches or len(indices) != 3 or set(cache.users) - shape_reads != {present} \
+            or set(present.users) - {attention, attention.graph.output_node()}:
+        return None
+    rows, heads, slots = indices
+    if not (_view(rows, [-1, 1]) and _view(heads, [1, -1]) and _view(slots, [-1, 1]) and slots.args[0] is pos):
+        return None
+    batch, head_range = rows.args[0], heads.args[0]
+    if batch.target is not aten.arange.default or head_range.target is not aten.arange.default:
+        return None
+    size = batch.args[0]
+    if len(batch.args) != 1 or not (isinstance(size, torch.fx.Node) and size.target is aten.sym_size.int
+                                    and size.args[1] == 0 and val(size.args[0]) is not None
+                                    and val(size.args[0]).shape[0] == val(pos).shape[0]):
+        return None
+    if head_range.args != (int(val(cache).shape[1]),):
+        return None
+    # values: the whole [B, H, D] token of a [B, H, 1, D] tensor
+    if values.target is not aten.select.int or tuple(values.args[1:]) != (2, 0) or val(values.args[0]).shape[2] != 1:
+        return None
+    return cache, values.args[0]
+
+
+def _view(node, shape) -> bool:
+    return isinstance(node, torch.fx.Node) and node.target in (aten.view.default, aten.reshape.default) \
+        and list(node.args[1]) == shape
+
+
+def _rotary(q, k, pos, gm, capacity, tables):
+    """(q, k before the rotary, (cos_cache, sin_cache) get_attr nodes) when both are rotated
+    by HF's rotate-half with cos/sin computed from ``pos`` alone; None otherwise."""
+    rq, rk = _rotate_half_of(q), _rotate_half_of(k)
+    if rq is None or rk is None or rq[1:] != rk[1:]:
+        return None
+    cos, sin = rq[1], rq[2]
+    if cos not in tables:
+        tables[cos] = _tables(gm, cos, sin, pos, capacity, int(val(q).shape[-1]))
+    if tables[cos] is None:
+        return None
+    return rq[0], rk[0], tables[cos]
+
+
+def _rotate_half_of(x):
+    """``add(mul(x0, cos4), mul(cat([neg(x0[..., h:]), x0[..., :h]]), sin4))`` -> (x0, cos, sin) with
+    ``cos4 = unsqueeze(cos, 1)``, or None."""
+    if x.target is not aten.add.Tensor or len(x.users) != 1:
+        return None
+    a, b = x.args
+    if a.target is not aten.mul.Tensor or b.target is not aten.mul.Tensor:
+        return None
+    x0, cos4 = a.args
+    cat, sin4 = b.args
+    if cat.target is not aten.cat.default or cat.args[1] not in (-1, 3) or len(cat.args[0]) != 2:
+        return None
+    neg, lo = cat.args[0]
+    if neg.target is not aten.neg.default:
+        return None
+    hi = neg.args[0]
+    d = int(val(x0).shape[-1])
+    h = d // 2
+    if not (_is_slice(hi, x0, h, d) and _is_slice(lo, x0, 0, h)) or d % 2:
+        return None
+    if any(u.target is not aten.unsqueeze.default or u.args[1] != 1 for u in (cos4, sin4)):
+        return None
+    cos, sin = cos4.args[0], sin4.args[0]
+    if cos.target is not aten.cos.default or sin.target is not aten.sin.default:
+        return None
+    if val(cos).dim() != 3 or val(cos).shape[1] != 1 or val(cos).shape[2] != d:
+        return None
+    return x0, cos, sin
+
+
+def _is_slice(node, src, start, end) -> bool:
+    if node.target is not aten.slice.Tensor or node.args[0] is not src or node.args[1] not in (3, -1):
+        return False
+    s, e = (list(node.args[2:]) + [0, None])[:2]
+    return s == start and (e == end or (e is not None and e >= 2**62 and end == int(val(src).shape[-1])))
+
+
+def _tables(gm, cos, sin, pos, capacity, d):
+    """The ``[capacity, d/2]`` cos and sin tables as get_attr nodes, or None when cos/sin are not
+    an elementwise function of ``pos`` (and constants) or their halves differ."""
+    sub = torch.fx.Graph()
+    env = {}
+    order = []
+    stack = [cos, sin]
+    seen = set()
+    while stack:  # the nodes cos and sin depend on
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        order.append(n)
+        for a in n.all_input_nodes:
+            stack.append(a)
+    for n in order:
+        if n.op == "placeholder" and n is not pos:
+            return None
+        if n.op == "call_function" and n.target not in _ROTARY_OPS:
+            return None
+        if n.op not in ("placeholder", "call_function", "get_attr"):
+            return None
+    p = sub.placeholder("pos")
+    env[pos] = p
+    for n in gm.graph.nodes:  # in graph order
+        if n in seen and n is not pos:
+            env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output((env[cos], env[sin]))
+    fn = torch.fx.GraphModule(gm, sub)
+    with torch.no_grad():
+        c, s = fn(torch.arange(capacity, device=val(pos).device))
+    if c.shape != (capacity, 1, d) or c.dtype != torch.float32:
+        return None
+    c, s = c[:, 0], s[:, 0]
+    h = d // 2
+    if not (torch.equal(c[:, :h], c[:, h:]) and torch.equal(s[:, :h], s[:, h:])):
+        return None
+    nodes = []
+    for name, t in (("cos", c[:, :h]), ("sin", s[:, :h])):
+        attr = f"_gqa_{name}_cache_{len([k for k in gm._buffers if k.startswith('_gqa_')])}"
+        gm.register_buffer(attr, t.contiguous().clone())
+        with gm.graph.inserting_before(cos):
+            nodes.append(gm.graph.get_attr(attr))
+    return tuple(nodes)
+
+
+# ----------------------------------------------------------------------------- ONNX translation
+
+def group_query_attention_onnx(q, k, v, past_k, past_v, pos, scale: float, window: int,
+                               cos_cache=None, sin_cache=None):
+    """The op as ``com.microsoft::GroupQueryAttention`` (traced by the exporter).
+
+    GQA takes q/k/v as ``[B, S, H*D]`` and ``seqlens_k`` = each row's key count - 1 (int32),
+    ``total_sequence_length`` its maximum + 1; ``local_window_size`` is the number of keys a
+    query sees (measured on ONNX Runtime 1.32: ``window``, not ``window - 1``).
+    """
+    from onnxscript import opset18 as op
+
+    hq, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+    flat = op.Constant(value_ints=[0, 0, -1])
+
+    def bsh(x):
+        return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), flat)
+
+    last = op.Add(pos, op.Sub(op.Shape(q, start=2, end=3), op.Constant(value_int=1)))  # [B] last new position
+    seqlens = op.Cast(last, to=6)  # int32
+    total = op.Cast(op.Add(op.ReduceMax(last, keepdims=0), op.Constant(value_int=1)), to=6)
+    rotary = cos_cache is not None
+    inputs = [bsh(q), bsh(k), bsh(v), past_k, past_v, seqlens, total] + ([cos_cache, sin_cache] if rotary else [])
+    out, present_k, present_v = _gqa_op()(*inputs, num_heads=hq, kv_num_heads=hkv, scale=scale,
+                                          local_window_size=window if window > 0 else -1, do_rotary=int(rotary),
+                                          rotary_interleaved=0, _num_outputs=3)
+    shape = op.Constant(value_ints=[0, 0, hq, d])
+    return op.Transpose(op.Reshape(out, shape), perm=[0, 2, 1, 3]), present_k, present_v
+
+
+def _gqa_op():
+    """GroupQueryAttention as an onnxscript op: the part of onnxruntime's schema
+    (contrib_defs/bert_defs.cc) this lowering uses (onnx has no schemas for contrib ops)."""
+    import onnxscript
+    from onnx.defs import OpSchema
+
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    ints = [OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in
+            ("num_heads", "kv_num_heads", "local_window_size", "do_rotary", "rotary_interleaved")]
+    schema = OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[param("query", "T"), param("key", "T", param_option=optional),
+                param("value", "T", param_option=optional), param("past_key", "T", param_option=optional),
+                param("past_value", "T", param_option=optional), param("seqlens_k", "M"),
+                param("total_sequence_length", "M"), param("cos_cache", "T", param_option=optional),
+                param("sin_cache", "T", param_option=optional)],
+        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"], ""),
+                          ("M", ["tensor(int32)"], "")],
+        attributes=ints + [OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, "")],
+    )
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
