@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,8 @@ PREPACK = ("decode", "all", "none")
 class OrtOptions:
     """threads: intra-op threads of each session (None: torch's thread count).
 
+    group_query_attention: see the field.
+
     prepack: which phases' sessions let ONNX Runtime keep its own re-laid-out ("pre-packed")
     copy of every matmul weight: "decode" (default), "all" or "none". The weights themselves
     are shared with PyTorch (one copy in the process); a pre-packed copy costs their size
@@ -79,6 +82,10 @@ class OrtOptions:
 
     threads: int | None = None
     prepack: str = "decode"
+    # Decode attention over contiguous caches (and its rotary) as ONNX Runtime's
+    # GroupQueryAttention contrib op where it is exact (ort_attention.py); False keeps the
+    # decomposed matmul/softmax everywhere (for comparison).
+    group_query_attention: bool = True
 
     def __post_init__(self):
         if self.prepack not in PREPACK:
@@ -389,12 +396,12 @@ def _drop_identity_transposes(model) -> None:
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def export_onnx(gm: torch.fx.GraphModule, ctx: PassContext, path: Path) -> list[str]:
+def export_onnx(gm: torch.fx.GraphModule, ctx: PassContext, path: Path, group_query_attention: bool = True) -> list[str]:
     """Write the phase as an ONNX model file at ``path``; returns the file names written."""
     import onnx_ir as ir
 
     path = Path(path)
-    model = onnx_ir_model(gm, ctx)
+    model = onnx_ir_model(gm, ctx, group_query_attention)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
     if size > EXTERNAL_DATA_BYTES:
         # onnx_ir writes the tensors one by one from the parameters' memory: no copy of the model
@@ -449,6 +456,8 @@ class OrtPhase:
             proto, source = model, model.SerializeToString()
         # what the session was given: the protobuf (graph, small constants) and the weights outside it
         self.proto_bytes, self.shared_bytes = proto.ByteSize(), shared.data_bytes if shared else 0
+        # the graph as lowered (before ONNX Runtime's own fusions): node count by op type
+        self.op_types = Counter(node.op_type for node in proto.graph.node)
         float32_compute = any(p.key == FLOAT32_COMPUTE for p in proto.metadata_props)
         if float32_compute:
             # Its largest temporaries are float32 copies of single weights (the tied lm_head:
@@ -563,7 +572,7 @@ class OrtBackend(Backend):
 
     def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> OrtPhase:
         try:
-            model = onnx_ir_model(gm, ctx)
+            model = onnx_ir_model(gm, ctx, self.options.group_query_attention)
         except Exception as e:  # torch.onnx's own report is chained; the user reads what to do
             raise RuntimeError(
                 f"the onnxruntime backend could not lower the {ctx.phase} graph ({type(e).__name__}: "
@@ -575,7 +584,7 @@ class OrtBackend(Backend):
 
     def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
         """``<phase>.onnx`` (and ``<phase>.onnx.data`` beyond EXTERNAL_DATA_BYTES of weights) in ``folder``."""
-        return {"files": export_onnx(gm, ctx, Path(folder) / f"{ctx.phase}.onnx")}
+        return {"files": export_onnx(gm, ctx, Path(folder) / f"{ctx.phase}.onnx", self.options.group_query_attention)}
 
     def load(self, folder: Path, entry: dict, ctx: PassContext) -> OrtPhase:
         return OrtPhase(Path(folder) / entry["files"][0], ctx.signature, ctx.device, self.options.threads,

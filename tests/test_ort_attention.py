@@ -1,0 +1,58 @@
+"""onnxruntime: decode attention over contiguous caches as GroupQueryAttention (ort_attention.py).
+
+For each family: greedy tokens identical to HF eager and logits within test_parity's
+tolerance, and the decode graph holds one GroupQueryAttention per layer where the op can
+express the attention (rotary inside it where the rotary matched), none where it cannot.
+"""
+
+import pytest
+import torch
+
+import models
+from conftest import optimized
+from test_parity import ATOL, RTOL, _batch
+
+pytest.importorskip("onnxruntime")
+
+NEW_TOKENS = 24
+LAYERS = 2
+
+# family -> (GroupQueryAttention nodes in the decode graph, rotary folded into them)
+EXPECTED = {
+    "llama": (LAYERS, True),
+    "qwen2": (LAYERS, True),  # q/k/v biases stay in the projections
+    "mistral": (LAYERS, True),  # sliding window: local_window_size
+    "gpt2": (LAYERS, False),  # no rotary, multi-head
+    "phi": (LAYERS, False),  # partial rotary (50%): the graph keeps its own rotary
+    "gemma2": (0, False),  # attention logit soft-capping: not a pdcompile::attention, stays decomposed
+}
+
+
+def _decode_ops(fast):
+    return fast.runner.executor.phases["decode"][0].op_types
+
+
+@pytest.mark.parametrize("family", list(EXPECTED))
+def test_decode_attention_is_group_query_attention(family):
+    model, fast = optimized(family, "onnxruntime", paged=False)
+    gqa, rotary_inside = EXPECTED[family]
+    ops = _decode_ops(fast)
+    assert ops["GroupQueryAttention"] == gqa, ops
+    if gqa:
+        assert ops["Softmax"] == 0 and ops["ScatterND"] == 0, ops  # no decomposed attention or cache write left
+    if rotary_inside:
+        assert ops["Cos"] == 0 and ops["Neg"] == 0, ops  # the rotary went into the op (do_rotary=1)
+    ids, mask = _batch(3)
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
+
+
+def test_paged_decode_keeps_the_decomposed_attention():
+    # GQA reads a contiguous cache; the paged graph's attention reads the pool through its block table
+    _, fast = optimized("llama", "onnxruntime", prefix_cache=False)
+    assert _decode_ops(fast)["GroupQueryAttention"] == 0
