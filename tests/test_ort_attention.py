@@ -1,8 +1,9 @@
-"""onnxruntime: decode attention over contiguous caches as GroupQueryAttention (ort_attention.py).
+"""onnxruntime: attention over contiguous caches as GroupQueryAttention (ort_attention.py).
 
 For each family: greedy tokens identical to HF eager and logits within test_parity's
 tolerance, and the decode graph holds one GroupQueryAttention per layer where the op can
-express the attention (rotary inside it where the rotary matched), none where it cannot.
+express the attention (rotary inside it where the rotary matched), none where it cannot;
+the prefill graph one per layer but the last (pruned to one query per row: decomposed).
 """
 
 import pytest
@@ -28,8 +29,8 @@ EXPECTED = {
 }
 
 
-def _decode_ops(fast):
-    return fast.runner.executor.phases["decode"][0].op_types
+def _decode_ops(fast, phase="decode"):
+    return fast.runner.executor.phases[phase][0].op_types
 
 
 @pytest.mark.parametrize("family", list(EXPECTED))
@@ -40,6 +41,7 @@ def test_decode_attention_is_group_query_attention(family):
     assert ops["GroupQueryAttention"] == gqa, ops
     if gqa:
         assert ops["Softmax"] == 0 and ops["ScatterND"] == 0, ops  # no decomposed attention or cache write left
+    assert _decode_ops(fast, "prefill")["GroupQueryAttention"] == max(gqa - 1, 0)
     if rotary_inside:
         assert ops["Cos"] == 0 and ops["Neg"] == 0, ops  # the rotary went into the op (do_rotary=1)
     ids, mask = _batch(3)

@@ -1,7 +1,7 @@
 """Cached attention -> ONNX Runtime's ``com.microsoft::GroupQueryAttention`` (onnxruntime backend).
 
-Runs on the phase graph after :func:`functionalize_cache_writes`, before the re-export.
-Before (decode over contiguous caches; rotary as HF writes it)::
+Runs on a contiguous-cache phase graph after :func:`functionalize_cache_writes`, before the
+re-export. Before (decode; rotary as HF writes it)::
 
     cos = cos(cat([pos[:, None, None].float() * inv_freq] * 2, -1))       # [B, 1, D], sin alike
     q = q * cos[:, None] + cat([-q[..., D/2:], q[..., :D/2]], -1) * sin[:, None]   # k alike
@@ -14,21 +14,26 @@ After::
     out, present_k, present_v = ort_group_query_attention(
         q_pre_rotary, k_pre_rotary, v, caches_k, caches_v, pos, scale, window, cos_cache, sin_cache)
 
-which the exporter writes as one ``GroupQueryAttention`` node (``do_rotary=1`` with the
+which the exporter writes as one ``GroupQueryAttention`` node (``do_rotary=1`` with
 ``[capacity, D/2]`` cos/sin tables when the rotary matched, plain otherwise). The runtime
-binds ``present_k`` to the buffer of ``caches_k`` (OrtPhase), and GQA, seeing past and
-present share a buffer, writes the new token's k/v in place at ``seqlens_k = pos``: one
-kernel instead of the ScatterNDs, the grouped matmul/softmax and ~20 rotary kernels.
+binds ``present_k`` to the buffer of ``caches_k`` (OrtPhase); GQA, seeing past and present
+share a buffer, writes the new k/v in place at ``seqlens_k``: one kernel instead of the
+ScatterNDs, the grouped matmul/softmax and ~20 rotary kernels per layer.
+
+Prefill (``attention(q, k, v, None, ...)`` over the prompt's own k/v, which a separate
+``index_put`` writes at positions 0..S-1) becomes the same op with ``pos = 0``; its rotary
+stays in the graph (the tables are built from the decode graph's positions input only).
 
 Declines (the attention stays decomposed): a non-float32 graph or a non-CPU device (the
-CPU kernel is float32-only), prompts (q_pos None: prefill), anything but one token per
-row written at ``pos`` into a whole contiguous cache that only this attention reads,
-paged pools (GQA reads a contiguous cache; the paged graph keeps its gather), and
-different k/v head sizes. The rotary is folded in only when its cos/sin are computed from
-``pos`` alone, elementwise (checked by op, then evaluated at every position 0..capacity-1
-to build the tables, whose two halves must be equal: rotate-half layout) and both q and
-k are rotated by exactly HF's rotate-half pattern over the whole head; otherwise the graph
-keeps its own rotary and GQA gets rotated q/k.
+op's CPU kernel is float32 only; the CUDA one has other constraints, not verified here);
+any other query/write layout (the pruned last layer of a prefill, extend, pools of the
+paged cache: GQA reads a contiguous cache and ONNX Runtime's PagedAttention has no CPU
+kernel); a cache read by anything else; different q/k/v head sizes. The rotary is folded in
+only when both q and k are rotated by exactly HF's rotate-half pattern over the whole head
+and cos/sin are an elementwise function of ``pos`` (checked by op, then evaluated at every
+position 0..capacity-1 to build the tables, whose two halves must be equal); otherwise GQA
+gets the graph's rotated q/k. Checked numerically against ONNX Runtime 1.32's CPU kernel:
+``local_window_size = window`` (keys visible to a query), prompt and decode, in-place buffer.
 """
 
 from __future__ import annotations
@@ -100,38 +105,49 @@ _ROTARY_OPS = {aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default, ate
 
 def lower_group_query_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
     """Rewrite ``gm`` in place as described above; returns the number of attentions lowered."""
-    if ctx.device.type != "cpu":
+    if ctx.device.type != "cpu" or ctx.phase not in ("prefill", "decode"):
         return 0
     graph = gm.graph
     nodes = ctx.signature.nodes(gm)
-    pos = nodes[Role.POSITIONS][0] if nodes[Role.POSITIONS] else None
     caches = set(nodes[Role.CACHE])
-    if pos is None or not caches or ctx.phase != "decode":
+    pos = nodes[Role.POSITIONS][0] if nodes[Role.POSITIONS] else None
+    if not caches:
         return 0
     capacity = max(ctx.max_seq_len, 3)  # the cache's largest capacity (export_dims): every position a row reaches
     tables: dict = {}  # cos node -> (cos_cache, sin_cache) get_attr nodes, or None
+    start = None  # prefill: the prompt starts at position 0 in every row
     done = 0
     for node in list(graph.nodes):
         if node.target is not ATTENTION:
             continue
-        q, kp, vp, q_pos, scale, window = (list(node.args) + [0])[:6]
-        writes = [_decode_write(w, pos, caches, node) for w in (kp, vp)]
-        if q_pos is not pos or None in writes or val(q).dtype != torch.float32 or val(q).shape[2] != 1:
+        q, k, v, q_pos, scale, window = (list(node.args) + [0])[:6]
+        if ctx.phase == "decode":
+            writes = [_decode_write(w, pos, caches, node) for w in (k, v)] if q_pos is pos else [None]
+        else:
+            writes = [_prompt_write(x, caches, q) for x in (k, v)] if q_pos is None else [None]
+        if None in writes or val(q).dtype != torch.float32:
             continue
-        (k_cache, k), (v_cache, v) = writes
-        if val(k_cache).dtype != torch.float32 or val(k).shape[-1] != val(v).shape[-1] \
-                or val(k).shape[-1] != val(q).shape[-1] or val(q).shape[1] % val(k).shape[1]:
+        (k_cache, k_new, k_present), (v_cache, v_new, v_present) = writes
+        if val(k_cache).dtype != torch.float32 or val(k_new).shape[-1] != val(v_new).shape[-1] \
+                or val(k_new).shape[-1] != val(q).shape[-1] or val(q).shape[1] % val(k_new).shape[1]:
             continue
-        rot = _rotary(q, k, pos, gm, capacity, tables)
+        # the tables are built from the decode graph's positions input; a prompt keeps its own rotary
+        rot = _rotary(q, k_new, pos, gm, capacity, tables) if ctx.phase == "decode" else None
         with graph.inserting_before(node):
+            if ctx.phase == "decode":
+                first = pos
+            else:
+                if start is None:
+                    start = graph.call_function(aten.zeros_like.default, (nodes[Role.LAST_IDX][0],))
+                first = start
             cos, sin = (None, None) if rot is None else rot[2]
-            args = (q if rot is None else rot[0], k if rot is None else rot[1], v, k_cache, v_cache, pos, scale,
-                    window, cos, sin)
+            args = (q if rot is None else rot[0], k_new if rot is None else rot[1], v_new, k_cache, v_cache, first,
+                    scale, window, cos, sin)
             gqa = graph.call_function(GQA, args)
             outs = [graph.call_function(operator.getitem, (gqa, i)) for i in range(3)]
-        for new, old in zip(outs, (node, kp, vp)):
+        for new, old in zip(outs, (node, k_present, v_present)):
             old.replace_all_uses_with(new)
-        for old in (node, kp, vp):
+        for old in (node, k_present, v_present):
             graph.erase_node(old)
         done += 1
     if done:
@@ -140,6 +156,37 @@ def lower_group_query_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> i
         logger.info("%s: %d attention(s) -> GroupQueryAttention (%s)", ctx.phase, done,
                     "rotary inside" if any(tables.values()) else "rotary outside")
     return done
+
+
+def _prompt_write(x, caches, q):
+    """The prompt's k (or v) ``x [B, H, S, D]``, read by the attention and written whole into a cache at
+    ``[arange(B)[:, None, None], arange(H)[None, :, None], arange(S)[None, None, :]]`` (positions
+    0..S-1) by its only other reader -> (cache, x, the write), or None."""
+    writes = [u for u in x.users if u.target is aten.index_put.default and u.args[2] is x]
+    if len(writes) != 1 or len(x.users) != 2:
+        return None
+    present = writes[0]
+    cache, indices, _ = present.args
+    shape_reads = {u for u in cache.users if u.target is aten.sym_size.int}
+    if cache not in caches or len(indices) != 3 or set(cache.users) - shape_reads != {present} \
+            or set(present.users) != {present.graph.output_node()}:
+        return None
+    rows, heads, slots = indices
+    if not (_view(rows, [-1, 1, 1]) and _view(heads, [1, -1, 1]) and _view(slots, [1, 1, -1])):
+        return None
+    ranges = [i.args[0] for i in indices]
+    if any(r.target is not aten.arange.default or len(r.args) != 1 for r in ranges):
+        return None
+    batch, head_count, length = (r.args[0] for r in ranges)
+    if not (isinstance(batch, torch.fx.Node) and batch.target is aten.sym_size.int and batch.args == (cache, 0)):
+        return None
+    if head_count != int(val(cache).shape[1]) or val(x).shape[1] != val(cache).shape[1]:
+        return None
+    # positions 0..S-1 of a prompt as long as the queries'
+    if not (isinstance(length, torch.fx.Node) and length.target is aten.sym_size.int and length.args[1] == 1
+            and val(x).shape[2] == val(q).shape[2] == val(length.args[0]).shape[1]):
+        return None
+    return cache, x, present
 
 
 def _decode_write(present, pos, caches, attention):
@@ -169,7 +216,7 @@ def _decode_write(present, pos, caches, attention):
     # values: the whole [B, H, D] token of a [B, H, 1, D] tensor
     if values.target is not aten.select.int or tuple(values.args[1:]) != (2, 0) or val(values.args[0]).shape[2] != 1:
         return None
-    return cache, values.args[0]
+    return cache, values.args[0], present
 
 
 def _view(node, shape) -> bool:
