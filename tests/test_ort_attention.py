@@ -58,3 +58,30 @@ def test_paged_decode_keeps_the_decomposed_attention():
     # GQA reads a contiguous cache; the paged graph's attention reads the pool through its block table
     _, fast = optimized("llama", "onnxruntime", prefix_cache=False)
     assert _decode_ops(fast)["GroupQueryAttention"] == 0
+
+
+@pytest.mark.parametrize("family, layers", [("mistral", 2), ("qwen2-hybrid", 4)])
+def test_sliding_window_past_the_window(family, layers):
+    # local_window_size: a 24-token prompt and 48 new tokens over 16-token windows (test_sliding's
+    # models), every layer sliding (mistral) or the top two of four (qwen2-hybrid)
+    import pdcompile
+    import test_sliding as sliding
+
+    torch.manual_seed(0)
+    model = sliding.FAMILIES[family]().eval()
+    fast = pdcompile.optimize(model, backend="onnxruntime", max_seq_len=128, paged=False)
+    assert _decode_ops(fast)["GroupQueryAttention"] == layers
+    assert _decode_ops(fast, "prefill")["GroupQueryAttention"] == layers - 1
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, sliding.V, (3, 24), generator=g)  # rows of 24, 14 and 4 real tokens, left-padded
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    mask[2, :20] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    kw = dict(max_new_tokens=3 * sliding.WINDOW, return_dict_in_generate=True, output_logits=True, **sliding.KW)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert len(set(ref.sequences[0, 24:].tolist())) >= 4, "degenerate reference"
+    assert torch.equal(ref.sequences, out.sequences)
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
