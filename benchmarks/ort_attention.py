@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--max-seq-len", type=int, default=1024)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -54,7 +55,7 @@ def main() -> None:
     for name in args.variants.split(","):
         paged, gqa = VARIANTS[name]
         config = OptimizeConfig(backend="onnxruntime",
-                                cache=CacheConfig(max_batch_size=1, max_seq_len=1024, paged=paged, prefix_cache=False),
+                                cache=CacheConfig(max_batch_size=1, max_seq_len=args.max_seq_len, paged=paged, prefix_cache=False),
                                 backend_options=OrtOptions(group_query_attention=gqa))
         t0 = time.perf_counter()
         systems[name] = pdcompile.optimize(model, config=config, cache=False)
@@ -78,7 +79,7 @@ def main() -> None:
     first = next(iter(outs.values()))
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": bench.machine_info(), "model": args.model,
-        "backend": "onnxruntime", "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
+        "backend": "onnxruntime", "prompt_len": args.prompt_len, "max_seq_len": args.max_seq_len, "new_tokens": args.new_tokens, "rounds": args.rounds,
         "tpot_ms_median": {n: statistics.median(v) for n, v in tpot.items()},
         "tpot_ms_rounds": tpot,
         "decode_graph_nodes": nodes,
