@@ -252,6 +252,7 @@ class BenchConfig:
     contiguous: bool = True  # also measure the default backend with the contiguous (unpaged) cache
     kv_experiments: bool = True  # paged vs contiguous KV memory; TTFT with a cached prefix vs cold
     prefix_len: int = 512
+    reprepare: bool = True  # prepare pdcompile again: in a new process (compile cache) and warm in this one
 
 
 def build_systems(model, cfg: BenchConfig, tokenizer=None) -> list:
@@ -396,7 +397,7 @@ def run(model, cfg: BenchConfig, progress=None, tokenizer=None) -> dict:
     from .api import _compile_cache
 
     for s in systems:
-        if (isinstance(s, PdcompileSystem) and _compile_cache(None, s.backend) is not None
+        if (cfg.reprepare and isinstance(s, PdcompileSystem) and _compile_cache(None, s.backend) is not None
                 and s.name in [x.name for x in live]):
             say(f"preparing {s.name} in a new process (compile cache)")
             results[s.name].prepare_cached_s = s.prepare_in_new_process(cfg)

@@ -391,7 +391,7 @@ def cmd_bench(args) -> int:
         position_tokens=args.position_tokens, contiguous=not args.no_contiguous,
         kv_experiments=not args.no_kv_experiments, prefix_len=args.prefix_len,
         max_seq_len=min(args.max_seq_len, _model_limit(model)), batches=tuple(args.batches),
-        weights=tuple(args.weights), ignore_eos=args.ignore_eos,
+        weights=tuple(args.weights), ignore_eos=args.ignore_eos, reprepare=not args.no_reprepare,
     )
     if not args.keep_compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # "cold" capture+compile means an empty inductor cache (for pdcompile and for HF's
@@ -556,6 +556,8 @@ def main(argv=None) -> int:
                    help="also measure the default backend with these quantized weights")
     p.add_argument("--ignore-eos", action="store_true",
                    help="every system generates --new-tokens tokens (EOS does not stop it), as the engines compare")
+    p.add_argument("--no-reprepare", action="store_true",
+                   help="skip preparing pdcompile again (new process with the compile cache, and warm)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes for throughput")
     p.add_argument("--no-passes-off", action="store_true", help="skip the passes-off variant")
     p.add_argument("--no-contiguous", action="store_true", help="skip the contiguous-KV variant")

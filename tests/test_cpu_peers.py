@@ -65,17 +65,20 @@ def check_fp32(peer, model):
         assert len(times) == NEW_TOKENS and start < times[0] and all(a <= b for a, b in zip(times, times[1:]))
 
 
+@pytest.mark.slow  # a conversion: 20-200 s on 2 busy cores
 def test_llama_cpp_f32_matches_hf(llama, tokenizer):
     pytest.importorskip("llama_cpp", reason=f"llama-cpp-python is not installed: {cpu_peers.INSTALL_HINT}")
     cpu_peers.llama_cpp_converter()  # a clear error if the converter is missing, not a skip
     check_fp32(cpu_peers.LlamaCpp(llama, tokenizer, "f32", max_seq_len=64), llama)
 
 
+@pytest.mark.slow  # a conversion: 20-200 s on 2 busy cores
 def test_ort_genai_fp32_matches_hf(llama, tokenizer):
     pytest.importorskip("onnxruntime_genai", reason=f"onnxruntime-genai is not installed: {cpu_peers.INSTALL_HINT}")
     check_fp32(cpu_peers.OrtGenAI(llama, tokenizer, "fp32", max_seq_len=64), llama)
 
 
+@pytest.mark.slow  # a conversion: 20-200 s on 2 busy cores
 def test_openvino_genai_fp32_matches_hf(llama, tokenizer):
     pytest.importorskip("openvino_genai", reason=f"openvino-genai is not installed: {cpu_peers.INSTALL_HINT}")
     cpu_peers.optimum_cli()  # a clear error if the converter is missing, not a skip
