@@ -93,6 +93,7 @@ class ConvertedPeer(Peer):
     """
 
     engine = ""
+    module = ""  # the engine's Python package, imported when the peer is set up
     variants: tuple = ()
     weight_files: tuple = ()  # names (glob patterns) of the converted files that hold the weights
     max_batch = 1  # bench measures batch > 1 throughput only where a system runs it
@@ -109,6 +110,7 @@ class ConvertedPeer(Peer):
         self.workdir: Path | None = None
 
     def _setup(self):
+        _require(self.module, self.engine)  # before any work: a missing package names the extra
         if self.tokenizer is None:
             raise ValueError(
                 f"{self.engine} converts from an HF folder that must include the model's tokenizer "
@@ -170,11 +172,13 @@ class LlamaCpp(ConvertedPeer):
     """llama.cpp through llama-cpp-python: GGUF f32, Q8_0 (converter) or Q4_0 (llama.cpp's quantizer)."""
 
     engine = "llama-cpp"
+    module = "llama_cpp"
     variants = ("f32", "q8_0", "q4_0")
     weight_files = ("model.gguf",)
 
     def _convert(self, source, out):
-        llama_cpp = _require("llama_cpp", self.engine)
+        import llama_cpp
+
         out.mkdir()
         # Q4_0 comes from the f32 file through llama.cpp's own quantizer (the converter
         # writes f32/f16/bf16/q8_0 only); groups of 32 divide every hidden size measured here.
@@ -191,7 +195,8 @@ class LlamaCpp(ConvertedPeer):
             gguf.unlink()
 
     def _load(self, out):
-        llama_cpp = _require("llama_cpp", self.engine)
+        import llama_cpp
+
         threads = torch.get_num_threads()
         return llama_cpp.Llama(
             model_path=str(out / "model.gguf"), n_ctx=self.max_seq_len, n_threads=threads, n_threads_batch=threads,
@@ -216,11 +221,11 @@ class OrtGenAI(ConvertedPeer):
     """ONNX Runtime GenAI: its model builder's fp32 or int4 graph, its generator loop."""
 
     engine = "ort-genai"
+    module = "onnxruntime_genai"
     variants = ("fp32", "int4")
     weight_files = ("*.onnx", "*.onnx.data")
 
     def _convert(self, source, out):
-        _require("onnxruntime_genai", self.engine)
         _run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(source), "-o", str(out),
               "-p", self.variant, "-e", "cpu", "-c", str(self.workdir / "builder-cache")],
              "onnxruntime_genai.models.builder")
@@ -231,13 +236,15 @@ class OrtGenAI(ConvertedPeer):
         config_path.write_text(json.dumps(config, indent=4))
 
     def _load(self, out):
-        og = _require("onnxruntime_genai", self.engine)
+        import onnxruntime_genai as og
+
         return og.Model(str(out))
 
     def _generate_tokens(self, ids, max_new_tokens):
         import numpy as np
 
-        og = _require("onnxruntime_genai", self.engine)
+        import onnxruntime_genai as og
+
         total = len(ids) + max_new_tokens
         params = og.GeneratorParams(self.loaded)
         options = {"do_sample": False, "max_length": total}
@@ -276,11 +283,11 @@ class OpenVINOGenAI(ConvertedPeer):
     """
 
     engine = "openvino-genai"
+    module = "openvino_genai"
     variants = ("fp32", "fp32-default", "int8", "int4")
     weight_files = ("openvino_model.xml", "openvino_model.bin")
 
     def _convert(self, source, out):
-        _require("openvino_genai", self.engine)
         weight_format = "fp32" if self.variant.startswith("fp32") else self.variant
         cmd = [optimum_cli(), "export", "openvino", "--model", str(source), "--task", "text-generation-with-past",
                "--weight-format", weight_format]
@@ -291,7 +298,8 @@ class OpenVINOGenAI(ConvertedPeer):
         _run(cmd + [str(out)], "optimum-cli export openvino")
 
     def _load(self, out):
-        ov_genai = _require("openvino_genai", self.engine)
+        import openvino_genai as ov_genai
+
         scheduler = ov_genai.SchedulerConfig()
         scheduler.enable_prefix_caching = False  # on by default: every round would reuse the prompt
         properties = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
