@@ -303,7 +303,9 @@ def run(model, cfg: BenchConfig, progress=None, tokenizer=None) -> dict:
     prefill_floor_s = costs["prefill_flops"] / matmul
 
     systems = build_systems(model, cfg, tokenizer)
-    results = {s.name: Result(s.name, weight_bytes=getattr(s, "weight_bytes", None)) for s in systems}
+    # the HF-based peers run the model's own weights; the engines know theirs after conversion
+    results = {s.name: Result(s.name, weight_bytes=getattr(s, "weight_bytes", None) or stored_weight_bytes(model))
+               for s in systems}
     live = []
     ids, mask = _prompt(1, cfg.prompt_len, vocab)
     for s in systems:
