@@ -45,4 +45,35 @@ _smoke:
 	$(PY) -c "import transformers; print('smoke subset on transformers', transformers.__version__)"
 	$(PY) -m pytest -q -m smoke tests/test_smoke.py
 
-.PHONY: install demo test test-slow test-oldest test-latest _smoke
+# The CPU engines users pick instead (pdcompile[peers]: llama.cpp, ONNX Runtime GenAI, OpenVINO
+# GenAI), then SmolLM2 side by side with pdcompile (fp32, int8, int4) and HF eager, in one run.
+# - llama-cpp-python builds from source (about 14 minutes on 2 cores). Its HF -> GGUF converter
+#   ships only in its source distribution: unpacked under $(VENV)/src.
+# - optimum-intel (OpenVINO's converter, optimum-cli) 2.2.0 caps transformers below 5.6, and the
+#   torchvision it pulls breaks transformers next to torch 2.13: a venv of its own, without it.
+LLAMA_CPP_PYTHON := 0.3.36
+OV_EXPORT_VENV := .venv-ov-export
+PEERS_STAMP := $(VENV)/.peers-installed
+BENCH_PEERS := --model smollm2 --backends onnxruntime --weights int8 int4 \
+	--peers hf-eager llama-cpp ort-genai openvino-genai --ignore-eos --batches 1 --repeats 8 \
+	--sweep --position-tokens 0 --no-passes-off --no-contiguous --no-kv-experiments --no-reprepare
+
+$(PEERS_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -c constraints.txt -e ".[dev,peers]"
+	$(PIP) download --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/src
+	ln -sfn llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(VENV)/src/llama.cpp
+	python3 -m venv $(OV_EXPORT_VENV)
+	grep -vE '^(transformers|tokenizers)==' constraints.txt > $(OV_EXPORT_VENV)/constraints.txt
+	$(OV_EXPORT_VENV)/bin/pip -q install -c $(OV_EXPORT_VENV)/constraints.txt torch==2.13.0
+	$(OV_EXPORT_VENV)/bin/pip -q install -c $(OV_EXPORT_VENV)/constraints.txt "optimum-intel[openvino]==2.2.0" nncf "transformers<5.6"
+	$(OV_EXPORT_VENV)/bin/pip -q uninstall -y torchvision
+	touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	uptime
+	PDCOMPILE_OPTIMUM_CLI=$(OV_EXPORT_VENV)/bin/optimum-cli $(VENV)/bin/pdcompile bench $(BENCH_PEERS) \
+		--json bench-peers-smollm2.json
+	uptime
+
+.PHONY: install demo test test-slow test-oldest test-latest _smoke bench-peers

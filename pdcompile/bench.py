@@ -11,10 +11,14 @@ alike. The physical floor is measured on the spot:
   prefill floor = FLOPs of the *unpruned* prefill (every layer on every prompt
   position, lm_head on the last) / throughput.
 
-Systems: pdcompile on each backend that runs here, and the peers of
-:mod:`pdcompile.peers` (HF eager generate, HF static cache + torch.compile, the ONNX
-Runtime path of ``transformers.exporters``). Every system's greedy tokens are
-compared with HF eager's and the table says if they differ.
+Systems: pdcompile on each backend that runs here (and, with ``weights``, the default
+backend with int8/int4 weights), the peers of :mod:`pdcompile.peers` (HF eager generate,
+HF static cache + torch.compile, the ONNX Runtime path of ``transformers.exporters``) and
+the CPU engines of :mod:`pdcompile.cpu_peers` (llama.cpp, ONNX Runtime GenAI, OpenVINO
+GenAI; optional packages). Every system's greedy tokens are compared with HF eager's and
+the table says if they differ. With ``ignore_eos`` every system generates all the tokens
+asked for (HF and pdcompile get ``eos_token_id=None``, which adds no logits processor;
+the engines use their own switch).
 """
 
 from __future__ import annotations
@@ -110,12 +114,14 @@ class PdcompileSystem:
     """
 
     def __init__(self, model, backend: str, max_seq_len: int, max_batch_size: int, disable_passes=(),
-                 paged: bool = True):
+                 paged: bool = True, weights: str | None = None):
         self.model, self.backend, self.disable, self.paged = model, backend, tuple(disable_passes), paged
-        self.max_seq_len, self.max_batch_size = max_seq_len, max_batch_size
+        self.max_seq_len, self.max_batch_size, self.weights = max_seq_len, max_batch_size, weights
         suffix = (" (passes off)" if self.disable else "") + ("" if paged else " (contiguous KV)")
-        self.name = f"pdcompile[{backend}]{suffix}"
+        self.name = f"pdcompile[{backend}{', ' + weights if weights else ''}]{suffix}"
         self.fast = None
+        self.ignore_eos = False
+        self.weight_bytes = stored_weight_bytes(model, weights)
 
     def prepare(self, input_ids=None, attention_mask=None, max_new_tokens: int = 16) -> float:
         """Capture + compile, then one warm-up generate (as the peers' prepare does)."""
@@ -124,7 +130,7 @@ class PdcompileSystem:
         t0 = time.perf_counter()
         self.fast = optimize(self.model, backend=self.backend, max_batch_size=self.max_batch_size,
                              max_seq_len=self.max_seq_len, disable_passes=self.disable, paged=self.paged,
-                             prefix_cache=False)
+                             prefix_cache=False, weights=self.weights)
         if input_ids is not None:
             self.generate(input_ids, attention_mask, max_new_tokens)
         return time.perf_counter() - t0
@@ -138,7 +144,7 @@ class PdcompileSystem:
             "from pdcompile.bench import PdcompileSystem, _prompt\n"
             f"model, _ = load_model({cfg.model!r})\n"
             f"s = PdcompileSystem(model, {self.backend!r}, {self.max_seq_len}, {self.max_batch_size}, "
-            f"{self.disable!r}, {self.paged!r})\n"
+            f"{self.disable!r}, {self.paged!r}, {self.weights!r})\n"
             f"ids, mask = _prompt(1, {cfg.prompt_len}, model.get_input_embeddings().weight.shape[0])\n"
             f"t = s.prepare(ids, mask, {cfg.new_tokens})\n"
             "print(json.dumps({'prepare_s': t, 'hit': 'cache hit' in s.fast.pdcompile_report().timings}))\n"
@@ -157,15 +163,44 @@ class PdcompileSystem:
 
         # HF streamers take batch 1 only; batched runs are timed as a whole by the caller
         streamer = TimingStreamer() if input_ids.shape[0] == 1 else None
+        extra = {"eos_token_id": None} if self.ignore_eos else {}
         out = self.fast.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                 do_sample=False, streamer=streamer)
+                                 do_sample=False, streamer=streamer, **extra)
         return out, (streamer.token_times if streamer else [])
+
+
+def stored_weight_bytes(model, weights: str | None = None) -> int:
+    """Bytes of the weights pdcompile stores for ``model`` (what a bundle holds, one copy).
+
+    fp32: the model's parameters. int8/int4: every linear layer the quantize_weights pass
+    quantizes (all of them, lm_head included, see :class:`~pdcompile.config.QuantConfig`)
+    as codes plus one fp32 scale per group; the rest (embedding, norms) stays fp32. A tied
+    lm_head is quantized as its own copy while the embedding table stays fp32.
+    """
+    from .config import QuantConfig
+    from .memory import weight_bytes
+
+    total = weight_bytes(model)
+    quant = QuantConfig.parse(weights)
+    if quant is None:
+        return total
+    tied = model.get_input_embeddings().weight.data_ptr()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            w = module.weight
+            groups = w.numel() // quant.group_size
+            codes = w.numel() * quant.bits // 8 + groups * 4 + (0 if quant.symmetric else groups * quant.bits // 8)
+            total += codes - (0 if w.data_ptr() == tied else w.numel() * w.element_size())
+    return total
 
 
 @dataclass
 class Result:
     name: str
     prepare_s: float = float("nan")
+    convert_s: float | None = None  # the CPU engines: conversion from the HF folder ...
+    load_s: float | None = None  # ... and loading the converted files (set-up = convert + load)
+    weight_bytes: int | None = None  # on disk (engines) / stored (pdcompile, HF)
     prepare_warm_s: float | None = None  # prepare again in this process (compile caches warm)
     prepare_cached_s: float | None = None  # prepare in a new process served by the compile cache
     ttft_ms: float = float("nan")
@@ -207,7 +242,9 @@ class BenchConfig:
     batches: tuple = (1, 8)
     repeats: int = 3
     backends: tuple = ("onnxruntime", "inductor", "eager")
-    peers: tuple = ("hf-eager", "hf-static-compile", "exporters-onnx")
+    peers: tuple = ("hf-eager", "hf-static-compile", "exporters-onnx")  # and cpu_peers: "llama-cpp[:q8_0]", ...
+    weights: tuple = ()  # also the default backend with these weights: "int8", "int4"
+    ignore_eos: bool = False  # every system generates new_tokens tokens (EOS does not stop it)
     sweep_prompts: tuple = (32, 64, 128, 256, 512, 1024, 2048)
     position_tokens: int = 256
     passes_off: bool = True  # also measure the default backend with every pass but paged_kv disabled
@@ -215,9 +252,12 @@ class BenchConfig:
     contiguous: bool = True  # also measure the default backend with the contiguous (unpaged) cache
     kv_experiments: bool = True  # paged vs contiguous KV memory; TTFT with a cached prefix vs cold
     prefix_len: int = 512
+    reprepare: bool = True  # prepare pdcompile again: in a new process (compile cache) and warm in this one
 
 
-def build_systems(model, cfg: BenchConfig) -> list:
+def build_systems(model, cfg: BenchConfig, tokenizer=None) -> list:
+    """The systems to measure; ``tokenizer`` is needed by the CPU engines (their converters)."""
+    from . import cpu_peers
     from .backends import default_backend
     from .peers import PEERS
 
@@ -225,6 +265,8 @@ def build_systems(model, cfg: BenchConfig) -> list:
     for backend in cfg.backends:
         systems.append(PdcompileSystem(model, backend, cfg.max_seq_len, max(cfg.batches)))
     default = default_backend(torch.device("cpu"))
+    for weights in cfg.weights:
+        systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), weights=weights))
     if cfg.passes_off:
         from .passes import ALL_PASSES
 
@@ -234,17 +276,24 @@ def build_systems(model, cfg: BenchConfig) -> list:
     if cfg.contiguous:
         systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), paged=False))
     for name in cfg.peers:
-        if name not in PEERS:
-            raise ValueError(f"unknown peer {name!r}; known: {sorted(PEERS)}")
-        systems.append(PEERS[name](model))
+        if name.partition(":")[0] in cpu_peers.ENGINES:
+            systems += cpu_peers.build(name, model, tokenizer, cfg.max_seq_len)
+        elif name in PEERS:
+            systems.append(PEERS[name](model))
+        else:
+            raise ValueError(f"unknown peer {name!r}; known: {sorted(PEERS)} and {sorted(cpu_peers.ENGINES)} "
+                             f"(ENGINE or ENGINE:VARIANT)")
+    for system in systems:
+        system.ignore_eos = cfg.ignore_eos
     return systems
 
 
-def run(model, cfg: BenchConfig, progress=None) -> dict:
+def run(model, cfg: BenchConfig, progress=None, tokenizer=None) -> dict:
     """Measure every system; returns the JSON-able results."""
     from .backends import default_backend
 
     say = progress or (lambda msg: logger.info(msg))
+    load_before = os.getloadavg()  # the machine is shared: the table says how busy it was
     vocab = model.get_input_embeddings().weight.shape[0]
     say("measuring memory bandwidth and matmul throughput")
     bandwidth, matmul = measure_bandwidth(), measure_matmul()
@@ -253,8 +302,10 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
     decode_floor_s = (costs["weight_bytes_per_step"] + kv_per_token * (cfg.prompt_len + cfg.new_tokens // 2)) / bandwidth
     prefill_floor_s = costs["prefill_flops"] / matmul
 
-    systems = build_systems(model, cfg)
-    results = {s.name: Result(s.name) for s in systems}
+    systems = build_systems(model, cfg, tokenizer)
+    # the HF-based peers run the model's own weights; the engines know theirs after conversion
+    results = {s.name: Result(s.name, weight_bytes=getattr(s, "weight_bytes", None) or stored_weight_bytes(model))
+               for s in systems}
     live = []
     ids, mask = _prompt(1, cfg.prompt_len, vocab)
     for s in systems:
@@ -263,6 +314,9 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
         try:
             results[s.name].prepare_s = s.prepare(ids, mask, cfg.new_tokens)
             live.append(s)
+            for key in ("convert_s", "load_s", "weight_bytes"):  # the CPU engines know theirs after set-up
+                if getattr(s, key, None) is not None:
+                    setattr(results[s.name], key, getattr(s, key))
         except Exception as e:  # a system that cannot run here is reported, not fatal
             results[s.name].error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             logger.warning("%s failed to prepare: %s", s.name, results[s.name].error)
@@ -291,6 +345,8 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
                     per_round[s.name].append((ttft, statistics.median(gaps)))
                     results[s.name]._out = out
                 for b in cfg.batches:
+                    if b > getattr(s, "max_batch", b):  # an engine measured at batch 1 only
+                        continue
                     if b == 1:
                         total = times[-1] - t0
                         tps = cfg.new_tokens / total
@@ -309,7 +365,7 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
         res = results[s.name]
         res.ttft_ms = statistics.median(v[0] for v in per_round[s.name]) * 1e3
         res.tpot_ms = statistics.median(v[1] for v in per_round[s.name]) * 1e3
-        res.tokens_per_s = {str(b): statistics.median(v) for b, v in throughput[s.name].items()}
+        res.tokens_per_s = {str(b): statistics.median(v) for b, v in throughput[s.name].items() if v}
         res.ttft_ratio = res.ttft_ms / 1e3 / prefill_floor_s
         res.tpot_ratio = res.tpot_ms / 1e3 / decode_floor_s
         if reference is not None:
@@ -343,7 +399,7 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
     from .api import _compile_cache
 
     for s in systems:
-        if (isinstance(s, PdcompileSystem) and _compile_cache(None, s.backend) is not None
+        if (cfg.reprepare and isinstance(s, PdcompileSystem) and _compile_cache(None, s.backend) is not None
                 and s.name in [x.name for x in live]):
             say(f"preparing {s.name} in a new process (compile cache)")
             results[s.name].prepare_cached_s = s.prepare_in_new_process(cfg)
@@ -365,7 +421,7 @@ def run(model, cfg: BenchConfig, progress=None) -> dict:
 
     gc.unfreeze()
     return {
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load_average_before": load_before, "load_average_after": os.getloadavg()},
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "model": cfg.model,
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
@@ -468,15 +524,29 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "cpu_flags": _simd_flags(),
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import onnxruntime
+    from importlib.metadata import PackageNotFoundError, version
 
-        info["onnxruntime"] = onnxruntime.__version__
-    except ImportError:
-        pass
+    for package in ("onnxruntime", "llama-cpp-python", "onnxruntime-genai", "openvino", "openvino-genai"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            pass
     return info
+
+
+def _simd_flags() -> list[str]:
+    """The CPU's vector / matrix extensions (what decides the engines' kernels)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return sorted(f for f in line.split(":", 1)[1].split()
+                                  if f in ("avx", "avx2", "fma", "f16c") or f.startswith(("avx512", "amx", "avx_vnni")))
+    except OSError:
+        pass
+    return []
 
 
 # ------------------------------------------------------------------ output
@@ -488,21 +558,25 @@ def markdown_table(data: dict) -> str:
         f"greedy; median of {data['config']['repeats']} interleaved rounds after a warm-up. "
         f"Floors measured in the same run: memory bandwidth {lim['memory_bandwidth_GBps']:.1f} GB/s -> decode floor "
         f"{lim['decode_floor_ms']:.2f} ms/token; fp32 matmul {lim['matmul_GFLOPps']:.0f} GFLOP/s -> unpruned prefill "
-        f"floor {lim['prefill_floor_ms']:.1f} ms.",
+        f"floor {lim['prefill_floor_ms']:.1f} ms." + _load_note(data["machine"]),
         "",
-        "| system | TTFT ms | x floor | TPOT ms/token | x floor | tok/s b=1 | tok/s b=8 | prepare s (cold / cached, new process / warm) | RSS +MB | tokens = HF |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| system | TTFT ms | x floor | TPOT ms/token | x floor | tok/s b=1 | tok/s b=8 | prepare s (cold / cached, new process / warm; engines: convert + load) | weights MB | RSS +MB | tokens = HF |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in data["results"]:
         if r["error"]:
-            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['name']} | failed: {r['error']} | | | | | | | | | |")
             continue
         tps = r["tokens_per_s"]
         warm = "".join(f" / {r[k]:.1f}" if r.get(k) is not None else " / -"
                        for k in ("prepare_cached_s", "prepare_warm_s")) if r.get("prepare_warm_s") is not None else ""
+        prepare = (f"{r['convert_s']:.1f} + {r['load_s']:.1f}" if r.get("convert_s") is not None
+                   else f"{r['prepare_s']:.1f}{warm}")
+        weights = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "-"
+        rates = " | ".join(f"{tps[b]:.1f}" if b in tps else "-" for b in ("1", "8"))
         lines.append(
             f"| {r['name']} | {r['ttft_ms']:.1f} | {r['ttft_ratio']:.2f} | {r['tpot_ms']:.2f} | {r['tpot_ratio']:.2f} | "
-            f"{tps.get('1', float('nan')):.1f} | {tps.get('8', float('nan')):.1f} | {r['prepare_s']:.1f}{warm} | "
+            f"{rates} | {prepare} | {weights} | "
             f"{r['rss_mb']:.0f} | {'yes' if r['tokens_match_hf'] else 'NO' if r['tokens_match_hf'] is False else '-'} |"
         )
     kv = data.get("kv_memory")
@@ -529,6 +603,16 @@ def markdown_table(data: dict) -> str:
             f"tokens = HF: {'yes' if pc['tokens_match_hf'] else 'NO'}).",
         ]
     return "\n".join(lines)
+
+
+def _load_note(machine: dict) -> str:
+    """The load average around the run: other work on the machine slows every system."""
+    if "load_average_before" not in machine:
+        return ""
+    before, after = machine["load_average_before"][0], machine["load_average_after"][0]
+    busy = max(before, after) > 1.25 * machine["cores"]
+    return (f" Load average (1 min) {before:.1f} before, {after:.1f} after on {machine['cores']} cores"
+            + (": CONTENDED, other work shared the cores." if busy else "."))
 
 
 def plot(data: dict, path: str) -> None:

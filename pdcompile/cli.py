@@ -381,7 +381,7 @@ def cmd_bench(args) -> int:
     console = _console()
     spec = "r1" if args.preset == "r1" else args.model
     with _progress(console, f"loading model {spec}"):
-        model, _ = load_model(spec)
+        model, tokenizer = load_model(spec)
     if args.serve:
         return _bench_serve(args, spec, model)
     cfg = bench.BenchConfig(
@@ -390,7 +390,8 @@ def cmd_bench(args) -> int:
         sweep_prompts=tuple(args.sweep) if args.sweep else (),
         position_tokens=args.position_tokens, contiguous=not args.no_contiguous,
         kv_experiments=not args.no_kv_experiments, prefix_len=args.prefix_len,
-        max_seq_len=min(args.max_seq_len, _model_limit(model)),
+        max_seq_len=min(args.max_seq_len, _model_limit(model)), batches=tuple(args.batches),
+        weights=tuple(args.weights), ignore_eos=args.ignore_eos, reprepare=not args.no_reprepare,
     )
     if not args.keep_compile_cache and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         # "cold" capture+compile means an empty inductor cache (for pdcompile and for HF's
@@ -404,7 +405,7 @@ def cmd_bench(args) -> int:
         import tempfile
 
         os.environ["PDCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="pdcompile-bench-cache-")
-    data = bench.run(model, cfg, progress=lambda m: logger.info(m))
+    data = bench.run(model, cfg, progress=lambda m: logger.info(m), tokenizer=tokenizer)
     return _write_results(bench, data, args.json or f"bench-{spec.replace('/', '_')}.json", args.plot)
 
 
@@ -547,7 +548,18 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--backends", nargs="*", default=["onnxruntime", "inductor", "eager"])
-    p.add_argument("--peers", nargs="*", default=["hf-eager", "hf-static-compile", "exporters-onnx"])
+    p.add_argument("--peers", nargs="*", default=["hf-eager", "hf-static-compile", "exporters-onnx"],
+                   help="hf-eager, hf-static-compile, exporters-onnx, and the CPU engines (pip install "
+                        "'pdcompile[peers]'): llama-cpp, ort-genai, openvino-genai, each as ENGINE (all its "
+                        "variants) or ENGINE:VARIANT (llama-cpp:f32|q8_0|q4_0, ort-genai:fp32|int4, "
+                        "openvino-genai:fp32|fp32-default|int8|int4)")
+    p.add_argument("--weights", nargs="*", default=[], choices=["int8", "int4"],
+                   help="also measure the default backend with these quantized weights")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="every system generates --new-tokens tokens (EOS does not stop it), as the engines compare")
+    p.add_argument("--no-reprepare", action="store_true",
+                   help="skip preparing pdcompile again (new process with the compile cache, and warm)")
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="batch sizes for throughput")
     p.add_argument("--no-passes-off", action="store_true", help="skip the passes-off variant")
     p.add_argument("--no-contiguous", action="store_true", help="skip the contiguous-KV variant")
     p.add_argument("--no-kv-experiments", action="store_true",

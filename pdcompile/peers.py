@@ -87,6 +87,9 @@ class Peer(ABC):
     """The interface; subclasses implement ``generate`` and, if they need one, ``_setup``."""
 
     name: str = "peer"
+    # True: EOS does not end generation (bench's ignore_eos), so every system produces the
+    # same number of tokens; HF's generate gets eos_token_id=None, which adds no processor.
+    ignore_eos: bool = False
 
     def __init__(self, model):
         self.model = model
@@ -126,9 +129,10 @@ class HFEager(Peer):
         # TimingStreamer skips the first put() (the prompt) and records perf_counter()
         # at every later one: one per new token, right after HF picked it.
         streamer = TimingStreamer()
+        extra = {"eos_token_id": None} if self.ignore_eos else {}
         sequences = self.generating_model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=False, streamer=streamer,
+            do_sample=False, streamer=streamer, **extra,
         )
         return sequences, streamer.token_times
 
@@ -256,7 +260,7 @@ class ExportersOnnx(Peer):
             )
         batch, prompt_len = input_ids.shape
         config = self._greedy_config(prompt_len, max_new_tokens)
-        eos = config.eos_token_id
+        eos = None if self.ignore_eos else config.eos_token_id
         eos = torch.tensor([eos] if isinstance(eos, int) else eos, device=input_ids.device) if eos is not None else None
         pad = config.pad_token_id if config.pad_token_id is not None else (int(eos[0]) if eos is not None else None)
         # The processors HF builds from the model's generation config (none for a plain

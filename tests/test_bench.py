@@ -109,3 +109,32 @@ def test_serve_load_benchmark_refuses_transformers_serve_without_a_folder():
     cfg = serve_bench.LoadConfig(model="r1", systems=("transformers-serve",))
     with pytest.raises(ValueError, match="needs a model folder with a tokenizer"):
         serve_bench.run(None, cfg)
+
+
+def test_bench_builds_the_engines_quantized_rows_and_ignore_eos():
+    """--peers ENGINE expands to its variants, ENGINE:VARIANT to one; --weights adds quantized
+    pdcompile rows; ignore_eos reaches every system (nothing is converted or compiled here)."""
+    model = models.build("llama")
+    cfg = bench.BenchConfig(backends=("eager",), peers=("hf-eager", "llama-cpp", "ort-genai:int4"), weights=("int8",),
+                            passes_off=False, contiguous=False, ignore_eos=True, max_seq_len=256)
+    systems = bench.build_systems(model, cfg, tokenizer=None)
+    assert [s.name for s in systems] == [
+        "pdcompile[eager]", "pdcompile[onnxruntime, int8]", "hf-eager",
+        "llama-cpp[f32]", "llama-cpp[q8_0]", "llama-cpp[q4_0]", "ort-genai[int4]",
+    ]
+    assert all(s.ignore_eos for s in systems)
+    bad = bench.BenchConfig(peers=("llama-cpp:q2",), backends=(), passes_off=False, contiguous=False)
+    with pytest.raises(ValueError, match="unknown variant 'q2'"):
+        bench.build_systems(model, bad)
+
+
+def test_stored_weight_bytes_of_quantized_weights():
+    model = models.build("llama")
+    fp32 = bench.stored_weight_bytes(model)
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    tied = model.get_input_embeddings().weight.data_ptr()
+    untied = sum(w.numel() for w in linears if w.data_ptr() != tied)
+    every = sum(w.numel() for w in linears)
+    # int8, groups of 32: 1 byte per weight + a 4-byte scale per 32 weights (a tied lm_head adds its own copy)
+    assert bench.stored_weight_bytes(model, "int8") == fp32 - 4 * untied + every + every // 32 * 4
+    assert bench.stored_weight_bytes(model, "int4") == fp32 - 4 * untied + every // 2 + every // 32 * 4
