@@ -213,8 +213,10 @@ class TransformersServe:
 
     def _one(self, a: Arrival, rec: Record) -> None:
         gen = {"do_sample": False, "max_new_tokens": a.max_tokens, "eos_token_id": -1}  # -1: no end of sequence
+        # usage (token counts) on the stream's last event: OpenAI's stream_options, which
+        # transformers serve needs from 5.25 on (5.24 sent it unasked)
         body = {"model": self.folder, "prompt": self.tokenizer.decode(a.prompt), "stream": True,
-                "generation_config": json.dumps(gen)}
+                "stream_options": {"include_usage": True}, "generation_config": json.dumps(gen)}
         with self.client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
                 raise RuntimeError(f"transformers serve answered {resp.status_code}: {resp.read()[:500]!r}")
@@ -230,6 +232,8 @@ class TransformersServe:
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
         rec.finished = time.perf_counter()
+        if rec.prompt_tokens is None:
+            raise RuntimeError("transformers serve sent no usage (token counts) for a streamed completion")
 
     def __call__(self, arrivals: list[Arrival]) -> list[Record]:
         import threading
