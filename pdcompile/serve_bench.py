@@ -226,12 +226,16 @@ class TransformersServe:
                 chunk = json.loads(line[5:])
                 if "error" in chunk:
                     raise RuntimeError(f"transformers serve failed a request: {chunk['error']}")
-                if rec.first_token is None and any(c.get("text") for c in chunk.get("choices", [])):
+                # a chunk with a choice carries one generated token, even when it decodes to ""
+                # (a lone byte of a multi-byte character): the first one is the first token
+                if rec.first_token is None and chunk.get("choices"):
                     rec.first_token = time.perf_counter()
                 if chunk.get("usage"):
                     rec.output_tokens = chunk["usage"]["completion_tokens"]
                     rec.prompt_tokens = chunk["usage"]["prompt_tokens"]
         rec.finished = time.perf_counter()
+        if rec.first_token is None:
+            raise RuntimeError("transformers serve streamed no token for a completion")
         if rec.prompt_tokens is None:
             raise RuntimeError("transformers serve sent no usage (token counts) for a streamed completion")
 
