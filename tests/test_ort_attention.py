@@ -4,6 +4,8 @@ For each family: greedy tokens identical to HF eager and logits within test_pari
 tolerance, and the decode graph holds one GroupQueryAttention per layer where the op can
 express the attention (rotary inside it where the rotary matched), none where it cannot;
 the prefill graph one per layer but the last (pruned to one query per row: decomposed).
+Over the paged pool, decode attention is one ONNX ``Attention`` per layer over the gathered
+blocks (paged_attention_onnx).
 """
 
 import pytest
@@ -59,24 +61,40 @@ def test_decode_attention_is_group_query_attention(family):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
 
 
-def test_paged_decode_keeps_the_decomposed_attention():
-    # GQA reads a contiguous cache; the paged graph's attention reads the pool through its block table
-    _, fast = optimized("llama", "onnxruntime")
-    assert _decode_ops(fast)["GroupQueryAttention"] == 0
+@pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])
+def test_paged_decode_attention_is_onnx_attention(family):
+    # GQA reads a contiguous cache; the paged graph's attention gathers the pool's blocks into
+    # one ONNX Attention per layer (masked by the positions), with no decomposed softmax left
+    model, fast = optimized(family, "onnxruntime")
+    ops = _decode_ops(fast)
+    assert ops["GroupQueryAttention"] == 0 and ops["Attention"] == LAYERS and ops["Softmax"] == 0, ops
+    ids, mask = _batch(3)
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
 
 
-@pytest.mark.parametrize("family, layers", [("mistral", 2), pytest.param("qwen2-hybrid", 4, marks=pytest.mark.slow)])
-def test_sliding_window_past_the_window(family, layers):
-    # local_window_size: a 24-token prompt and 48 new tokens over 16-token windows (test_sliding's
-    # models), every layer sliding (mistral) or the top two of four (qwen2-hybrid)
+@pytest.mark.parametrize("family, layers, paged", [("mistral", 2, False), ("mistral", 2, True),
+                                                   pytest.param("qwen2-hybrid", 4, False, marks=pytest.mark.slow)])
+def test_sliding_window_past_the_window(family, layers, paged):
+    # local_window_size (contiguous) or the Attention mask's window (paged): a 24-token prompt and
+    # 48 new tokens over 16-token windows (test_sliding's models), every layer sliding (mistral)
+    # or the top two of four (qwen2-hybrid)
     import pdcompile
     import test_sliding as sliding
 
     torch.manual_seed(0)
     model = sliding.FAMILIES[family]().eval()
-    fast = pdcompile.optimize(model, backend="onnxruntime", max_seq_len=128, paged=False)
-    assert _decode_ops(fast)["GroupQueryAttention"] == layers
-    assert _decode_ops(fast, "prefill")["GroupQueryAttention"] == layers - 1
+    fast = pdcompile.optimize(model, backend="onnxruntime", max_seq_len=128, paged=paged, prefix_cache=False)
+    if paged:
+        assert _decode_ops(fast)["Attention"] == layers
+    else:
+        assert _decode_ops(fast)["GroupQueryAttention"] == layers
+        assert _decode_ops(fast, "prefill")["GroupQueryAttention"] == layers - 1
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, sliding.V, (3, 24), generator=g)  # rows of 24, 14 and 4 real tokens, left-padded
     mask = torch.ones_like(ids)

@@ -3,7 +3,8 @@
 Lowering: the phase graph gets functional cache writes (``functional_cache.py``); on
 contiguous float32 caches on CPU, prefill and decode attention (with its cache write, and
 decode's rotary where it matches) become ONNX Runtime's ``GroupQueryAttention`` contrib op
-(``ort_attention.py``); the remaining ``pdcompile::attention`` / ``paged_attention`` are
+(``ort_attention.py``); on CPU, ``pdcompile::paged_attention`` becomes ONNX's ``Attention``
+(opset 23) over the gathered blocks; the remaining ``pdcompile::attention`` are
 decomposed into plain matmul/softmax with query heads grouped under their kv head
 (:func:`pdcompile.ops.attention_grouped`, no copy of the cache for grouped-query
 attention); the graph is re-exported and ``torch.onnx.export(dynamo=True)`` writes the model.
@@ -42,10 +43,13 @@ from ..passes.float32_compute import compute_in_float32
 from ..passes.functional_cache import functionalize_cache_writes
 from ..phase import PassContext, PhaseSignature
 from . import Backend
-from .ort_attention import GQA, group_query_attention_onnx, lower_group_query_attention
+from .ort_attention import (GQA, group_query_attention_onnx, lower_group_query_attention, paged_attention_onnx,
+                            single_output_attention)
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
+
+PAGED = torch.ops.pdcompile.paged_attention.default
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
@@ -84,9 +88,10 @@ class OrtOptions:
 
     threads: int | None = None
     prepack: str = "decode"
-    # Decode attention over contiguous caches (and its rotary) as ONNX Runtime's
-    # GroupQueryAttention contrib op where it is exact (ort_attention.py); False keeps the
-    # decomposed matmul/softmax everywhere (for comparison).
+    # Native attention ops (ort_attention.py): decode attention over contiguous caches (and
+    # its rotary) as ONNX Runtime's GroupQueryAttention contrib op where it is exact, paged
+    # attention as ONNX's Attention over the gathered blocks; False keeps the decomposed
+    # matmul/softmax everywhere (for comparison).
     group_query_attention: bool = True
 
     def __post_init__(self):
@@ -118,22 +123,32 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
         lower_group_query_attention(gm, ctx)
     # Lower the remaining canonical attention by tracing its ONNX-friendly decomposition during
     # the re-export (cheaper than a separate run_decompositions pass over the whole program).
-    grouped = {torch.ops.pdcompile.attention.default: attention_grouped,
-               torch.ops.pdcompile.paged_attention.default: paged_attention_grouped}
+    # With native attention on, on CPU, paged attention stays one op, written as ONNX's
+    # Attention (opset 23, see paged_attention_onnx; ORT's CUDA kernel for it is not verified
+    # here); the rest of the graph keeps the exporter's default opset, whose lowering every
+    # other path here was measured with.
+    grouped = {torch.ops.pdcompile.attention.default: attention_grouped}
+    if not group_query_attention or ctx.device.type != "cpu":
+        grouped[PAGED] = paged_attention_grouped
+    paged = False
     for node in gm.graph.nodes:
         if node.target in grouped:
             node.target = grouped[node.target]
+        paged |= node.target is PAGED
     gm.recompile()
     ep = export_program(gm, ctx)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
     prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
-                             custom_translation_table=translation_table())
+                             custom_translation_table=translation_table(),
+                             **({"opset_version": 23} if paged else {}))
     del ep
     model = prog.model
     _untransposed_weights(model)
     _optimize_for_ort(model)
     _drop_identity_transposes(model)
+    if paged:
+        single_output_attention(model)
     if upcast:
         _cast_weights_where_used(model)
         model.metadata_props[FLOAT32_COMPUTE] = "1"
@@ -322,7 +337,8 @@ def _session(source, opts, device, shared: SessionModel | None, disabled_optimiz
 
 def translation_table() -> dict:
     """``pdcompile::`` ops the exporter writes as ONNX Runtime contrib ops (not decomposed)."""
-    return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits, GQA: group_query_attention_onnx}
+    return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits, GQA: group_query_attention_onnx,
+            PAGED: paged_attention_onnx}
 
 
 def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, bits: int = 8, group_size: int = 32,
