@@ -20,6 +20,7 @@ import torch
 
 import pdcompile
 from pdcompile import bench, models
+from pdcompile.config import CacheConfig, OptimizeConfig
 from pdcompile.timing import TimingStreamer
 
 
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--json")
     ap.add_argument("--no-cache", action="store_true", help="compile from scratch (optimize times are then cold)")
+    ap.add_argument("--decomposed", action="store_true",
+                    help="onnxruntime: also measure the paged graph with its attention decomposed "
+                         "(OrtOptions(group_query_attention=False)) beside the native one")
     args = ap.parse_args()
 
     model = models.load_smollm2()[0] if args.model == "smollm2" else models.r1_model()
@@ -39,11 +43,16 @@ def main() -> None:
     ids = torch.randint(3, vocab, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     systems = {}
-    for name, paged in (("paged", True), ("contiguous", False)):
+    variants = [("paged", True, None), ("contiguous", False, None)]
+    if args.decomposed:
+        from pdcompile.backends.onnxruntime import OrtOptions
+
+        variants.append(("paged-decomposed", True, OrtOptions(group_query_attention=False)))
+    for name, paged, options in variants:
         t0 = time.perf_counter()
-        systems[name] = pdcompile.optimize(model, backend=args.backend, paged=paged, prefix_cache=False,
-                                           max_batch_size=1, max_seq_len=1024,
-                                           cache=not args.no_cache)
+        config = OptimizeConfig(backend=args.backend, backend_options=options,
+                                cache=CacheConfig(max_batch_size=1, max_seq_len=1024, paged=paged, prefix_cache=False))
+        systems[name] = pdcompile.optimize(model, config=config, cache=not args.no_cache)
         print(f"{name}: optimized in {time.perf_counter() - t0:.1f} s", flush=True)
     tpot = {n: [] for n in systems}
     outs = {}
