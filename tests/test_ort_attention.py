@@ -35,6 +35,18 @@ def _decode_ops(fast, phase="decode"):
     return fast.runner.executor.phases[phase][0].op_types
 
 
+def _assert_generates_like_hf(model, fast):
+    """Greedy tokens identical to HF eager over a left-padded batch of 3, logits within tolerance."""
+    ids, mask = _batch(3)
+    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
+              output_logits=True)
+    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
+    assert torch.equal(ref.sequences, out.sequences)
+    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
+        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
+
+
 # The default run covers rotary inside (llama), no rotary (gpt2) and the decomposed fallback
 # (gemma2); the other families compile under `slow` (~1 min each on 2 shared cores).
 SLOW = ("qwen2", "mistral", "phi")
@@ -51,14 +63,7 @@ def test_decode_attention_is_group_query_attention(family):
     assert _decode_ops(fast, "prefill")["GroupQueryAttention"] == max(gqa - 1, 0)
     if rotary_inside:
         assert ops["Cos"] == 0 and ops["Neg"] == 0, ops  # the rotary went into the op (do_rotary=1)
-    ids, mask = _batch(3)
-    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-              output_logits=True)
-    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(ref.sequences, out.sequences)
-    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
-        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
+    _assert_generates_like_hf(model, fast)
 
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])
@@ -68,14 +73,7 @@ def test_paged_decode_attention_is_onnx_attention(family):
     model, fast = optimized(family, "onnxruntime")
     ops = _decode_ops(fast)
     assert ops["GroupQueryAttention"] == 0 and ops["Attention"] == LAYERS and ops["Softmax"] == 0, ops
-    ids, mask = _batch(3)
-    kw = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
-              output_logits=True)
-    ref = model.generate(input_ids=ids, attention_mask=mask, **kw)
-    out = fast.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert torch.equal(ref.sequences, out.sequences)
-    for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
-        torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
+    _assert_generates_like_hf(model, fast)
 
 
 @pytest.mark.parametrize("family, layers, paged", [("mistral", 2, False), ("mistral", 2, True),
