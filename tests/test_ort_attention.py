@@ -76,6 +76,21 @@ def test_paged_decode_attention_is_onnx_attention(family):
     _assert_generates_like_hf(model, fast)
 
 
+def test_paged_attention_stays_decomposed_before_opset_23(monkeypatch):
+    # ONNX Runtime before 1.23 refuses opset 23 models: the paged graph keeps the decomposed
+    # attention (and the exporter's default opset), with the same tokens
+    import onnxruntime
+
+    import pdcompile
+
+    monkeypatch.setattr(onnxruntime, "__version__", "1.22.1")
+    model = models.build("llama", backend="onnxruntime")
+    fast = pdcompile.optimize(model, backend="onnxruntime", max_seq_len=256, prefix_cache=False)
+    ops = _decode_ops(fast)
+    assert ops["Attention"] == 0 and ops["Softmax"] == LAYERS, ops
+    _assert_generates_like_hf(model, fast)
+
+
 @pytest.mark.parametrize("family, layers, paged", [("mistral", 2, False), ("mistral", 2, True),
                                                    pytest.param("qwen2-hybrid", 4, False, marks=pytest.mark.slow)])
 def test_sliding_window_past_the_window(family, layers, paged):

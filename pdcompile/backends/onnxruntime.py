@@ -68,6 +68,18 @@ def _require_ort():
     return onnxruntime
 
 
+def _opset23() -> bool:
+    """Whether the installed ONNX Runtime loads opset 23 models (the ``Attention`` op), from 1.23 on."""
+    import onnxruntime
+
+    major, minor = (int(x) for x in onnxruntime.__version__.split(".")[:2])
+    if (major, minor) >= (1, 23):
+        return True
+    logger.info("onnxruntime %s loads no opset 23 model: paged attention stays decomposed (1.23 or newer "
+                "runs it as one Attention node per layer)", onnxruntime.__version__)
+    return False
+
+
 PREPACK = ("decode", "all", "none")
 
 
@@ -128,7 +140,7 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     # here); the rest of the graph keeps the exporter's default opset, whose lowering every
     # other path here was measured with.
     grouped = {torch.ops.pdcompile.attention.default: attention_grouped}
-    if not group_query_attention or ctx.device.type != "cpu":
+    if not group_query_attention or ctx.device.type != "cpu" or not _opset23():
         grouped[PAGED] = paged_attention_grouped
     paged = False
     for node in gm.graph.nodes:

@@ -28,11 +28,12 @@ Declines (the attention stays decomposed): a non-float32 graph or a non-CPU devi
 op's CPU kernel is float32 only; the CUDA one has other constraints, not verified here);
 any other query/write layout (the pruned last layer of a prefill, extend, pools of the
 paged cache: GQA reads a contiguous cache and ONNX Runtime's PagedAttention has no CPU
-kernel; those go to ONNX's ``Attention`` instead, :func:`paged_attention_onnx`); a cache read by anything else; different q/k/v head sizes. The rotary is folded in
-only when both q and k are rotated by exactly HF's rotate-half pattern over the whole head
-and cos/sin are an elementwise function of ``pos`` (checked by op, then evaluated at every
-position 0..capacity-1 to build the tables, whose two halves must be equal); otherwise GQA
-gets the graph's rotated q/k. Checked numerically against ONNX Runtime 1.32's CPU kernel:
+kernel; those go to ONNX's ``Attention`` instead, :func:`paged_attention_onnx`); a cache
+read by anything else; different q/k/v head sizes. The rotary is folded in only when both
+q and k are rotated by exactly HF's rotate-half pattern over the whole head and cos/sin are
+an elementwise function of ``pos`` (checked by op, then evaluated at every position
+0..capacity-1 to build the tables, whose two halves must be equal); otherwise GQA gets the
+graph's rotated q/k. Checked numerically against ONNX Runtime 1.32's CPU kernel:
 ``local_window_size = window`` (keys visible to a query), prompt and decode, in-place buffer.
 """
 
