@@ -161,9 +161,12 @@ def attention_grouped(
 
 
 def paged_attention_grouped(q, k_pool, v_pool, block_table, q_pos, scale, window=0):
-    """:func:`paged_attention` for exporters without a GQA attention (see :func:`attention_grouped`)."""
-    return attention_grouped(q, gather_blocks(k_pool, block_table), gather_blocks(v_pool, block_table),
-                             q_pos, scale, window)
+    """:func:`paged_attention` for exporters without a GQA attention (see :func:`attention_grouped`).
+
+    The gathered blocks take q's dtype: a 16-bit pool under float32 compute is converted
+    block by block as read, not as a whole (passes/float32_compute.py)."""
+    return attention_grouped(q, gather_blocks(k_pool, block_table).to(q.dtype),
+                             gather_blocks(v_pool, block_table).to(q.dtype), q_pos, scale, window)
 
 
 # ----------------------------------------------------------------------------- weight-only quantization

@@ -143,6 +143,29 @@ def test_bf16_model_matches_hf_bf16(backend):
         torch.testing.assert_close(b.float(), a.float(), atol=BF16_ATOL, rtol=0)
 
 
+def test_bf16_paged_pools_are_converted_as_gathered(monkeypatch):
+    # float32 compute over a bf16 pool: the onnxruntime graph converts the blocks it gathers,
+    # not the whole pool after each step's write (a Cast of every written pool, before)
+    pytest.importorskip("onnxruntime")
+    import pdcompile.backends.onnxruntime as ort_backend
+
+    seen = {}
+    lower = ort_backend.onnx_ir_model
+
+    def recording(gm, ctx, *args):
+        model = lower(gm, ctx, *args)
+        seen[ctx.phase] = [n.inputs[0].producer().op_type for n in model.graph if n.op_type in ("Cast", "CastLike")
+                           and n.inputs[0].producer() is not None]
+        return model
+
+    monkeypatch.setattr(ort_backend, "onnx_ir_model", recording)
+    model = models.build("qwen2").to(torch.bfloat16)
+    pdcompile.optimize(model, backend="onnxruntime", max_seq_len=128, cache=False)
+    for phase in ("decode", "extend"):
+        assert "ScatterND" not in seen[phase], seen[phase]  # no cast reads a written pool
+        assert seen[phase].count("Reshape") >= 2 * model.config.num_hidden_layers, seen[phase]  # the gathered k and v blocks
+
+
 # --------------------------------------------------------------------------- slow: real sizes
 
 SIZE_CASES = [

@@ -396,9 +396,11 @@ def paged_attention_onnx(q, k_pool, v_pool, block_table, q_pos, scale: float, wi
     hq, hkv, dv = q.shape[1], k_pool.shape[2], v_pool.shape[3]
     flat = op.Constant(value_ints=[0, 0, -1])
 
-    def gathered(pool):  # [B, M, bs, Hkv, D] -> [B, M*bs, Hkv*D]
+    def gathered(pool):  # [B, M, bs, Hkv, D] -> [B, M*bs, Hkv*D], in q's dtype
         rows = op.Constant(value_ints=[0, -1, pool.shape[2] * pool.shape[3]])
-        return op.Reshape(op.Gather(pool, block_table, axis=0), rows)
+        blocks = op.Reshape(op.Gather(pool, block_table, axis=0), rows)
+        # a 16-bit pool under float32 compute: convert what was gathered, not the pool
+        return blocks if pool.dtype == q.dtype else op.CastLike(blocks, q)
 
     keys = op.Mul(op.Shape(block_table, start=1, end=2), op.Constant(value_ints=[k_pool.shape[1]]))
     sk = op.Range(op.Constant(value_int=0), op.Squeeze(keys), op.Constant(value_int=1))  # [Sk]

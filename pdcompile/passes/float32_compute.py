@@ -9,7 +9,8 @@ logits come out float32.
 
 Data movement (views, reshapes, indexing, the embedding lookup) reads bfloat16 as it is,
 so that only the rows and blocks used are converted, never a whole embedding table or
-KV pool.
+KV pool; ``pdcompile::paged_attention`` keeps its 16-bit pools and the lowering converts
+the blocks it gathers.
 
 Numerics: float32 arithmetic on 16-bit weights is at least as precise as 16-bit
 arithmetic; results differ from a 16-bit run within its rounding, not bit for bit.
@@ -29,6 +30,7 @@ _MOVES = {
     aten.select.int, aten.index.Tensor, aten.embedding.default, aten.alias.default, aten.t.default,
     aten.clone.default, aten.contiguous.default,
 }
+_PAGED = torch.ops.pdcompile.paged_attention.default
 # In-place writes: (destination arg, value arg)
 _WRITES = {aten.index_put_.default: (0, 2), aten.index_copy_.default: (0, 3), aten.copy_.default: (0, 1)}
 
@@ -74,6 +76,11 @@ def compute_in_float32(gm: torch.fx.GraphModule, low: torch.dtype = torch.bfloat
             dtype[node] = dtype.get(dest)
             continue
         low_args = {a for a in tensor_args if dtype.get(a) == low}
+        if node.target is _PAGED:
+            # the pools are read through the block table: the lowering casts the gathered
+            # blocks (ops.paged_attention_grouped, ort_attention.paged_attention_onnx), never
+            # a whole pool per step
+            low_args -= {node.args[1], node.args[2]}
         if low_args:
             replacements = {a: cast(a, torch.float32, node) for a in low_args}
             node.args = pytree.tree_map(lambda a: replacements.get(a, a) if isinstance(a, torch.fx.Node) else a,
