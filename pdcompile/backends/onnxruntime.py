@@ -41,6 +41,7 @@ import torch
 from ..ops import attention_grouped, paged_attention_grouped
 from ..passes.float32_compute import compute_in_float32
 from ..passes.functional_cache import functionalize_cache_writes
+from ..passes.utils import PAGED_ATTENTION as PAGED
 from ..phase import PassContext, PhaseSignature
 from . import Backend
 from .ort_attention import (GQA, group_query_attention_onnx, lower_group_query_attention, paged_attention_onnx,
@@ -48,8 +49,6 @@ from .ort_attention import (GQA, group_query_attention_onnx, lower_group_query_a
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
-
-PAGED = torch.ops.pdcompile.paged_attention.default
 
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",

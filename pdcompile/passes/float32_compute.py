@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch.utils import _pytree as pytree
 
-from .utils import aten, val
+from .utils import PAGED_ATTENTION, aten, val
 
 # Ops that move or select elements without arithmetic: their output keeps the input's dtype.
 _MOVES = {
@@ -30,7 +30,6 @@ _MOVES = {
     aten.select.int, aten.index.Tensor, aten.embedding.default, aten.alias.default, aten.t.default,
     aten.clone.default, aten.contiguous.default,
 }
-_PAGED = torch.ops.pdcompile.paged_attention.default
 # In-place writes: (destination arg, value arg)
 _WRITES = {aten.index_put_.default: (0, 2), aten.index_copy_.default: (0, 3), aten.copy_.default: (0, 1)}
 
@@ -76,7 +75,7 @@ def compute_in_float32(gm: torch.fx.GraphModule, low: torch.dtype = torch.bfloat
             dtype[node] = dtype.get(dest)
             continue
         low_args = {a for a in tensor_args if dtype.get(a) == low}
-        if node.target is _PAGED:
+        if node.target is PAGED_ATTENTION:
             # the pools are read through the block table: the lowering casts the gathered
             # blocks (ops.paged_attention_grouped, ort_attention.paged_attention_onnx), never
             # a whole pool per step

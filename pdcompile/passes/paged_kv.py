@@ -43,9 +43,8 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic
 
 from ..phase import PassContext, Role
 from .manager import GraphPass, PassResult
-from .utils import ATTENTION, aten, val
+from .utils import ATTENTION, PAGED_ATTENTION, aten, val
 
-PAGED_ATTENTION = torch.ops.pdcompile.paged_attention.default
 
 NAME = "paged_kv"
 

@@ -10,6 +10,7 @@ import torch
 aten = torch.ops.aten
 SDPA = aten.scaled_dot_product_attention.default
 ATTENTION = torch.ops.pdcompile.attention.default
+PAGED_ATTENTION = torch.ops.pdcompile.paged_attention.default
 
 _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
