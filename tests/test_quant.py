@@ -3,7 +3,8 @@ its lowering per backend, accuracy against fp32 and the bundle round trip.
 
 Tolerances. The eager quantized graph against an HF model whose weights are replaced by
 the same dequantized values (computed here in plain PyTorch): same function, different
-kernels, so fp32 rounding only (1e-4 on logits of magnitude ~1). Backends against the
+kernels, so fp32 rounding only (1e-4 on logits of magnitude ~1); at accuracy_level 4 (the
+default) the reference also rounds each linear's input to int8 per group. Backends against the
 eager quantized graph: onnxruntime's MatMulNBits dequantizes in its own order and
 accumulates in blocks (2e-3); inductor's fused dequantize + matmul (1e-3); greedy tokens
 identical in both. int8 against fp32: see test_int8_greedy_agrees_with_fp32.
@@ -44,14 +45,27 @@ def plain_dequantized(w, bits, group, symmetric=True):
     return ((torch.clamp(torch.round(g / scale) + zero, 0, 2**bits - 1) - zero) * scale).reshape(n, k)
 
 
-def reference_model(bits, group=32, symmetric=True, lm_head=True, family="llama"):
-    """The fp32 HF model with every linear weight replaced by its dequantized value."""
+def plain_int8_activations(x, group):
+    """Each group of ``group`` inputs rounded to int8 codes of step max|x|/127, dequantized."""
+    g = x.reshape(*x.shape[:-1], -1, group)
+    step = g.abs().amax(-1, keepdim=True) / 127
+    return (torch.round(g / torch.where(step == 0, 1, step)) * step).reshape(x.shape)
+
+
+def reference_model(bits, group=32, symmetric=True, lm_head=True, family="llama", int8_activations=True):
+    """The fp32 HF model with every linear weight replaced by its dequantized value and, for
+    accuracy_level 4 (the default), the linear's input rounded to int8 per group."""
     model = models.build(family)
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, torch.nn.Linear) and (lm_head or mod.out_features != model.config.vocab_size):
                 mod.weight.copy_(plain_dequantized(mod.weight, bits, group, symmetric))
+                if int8_activations:
+                    mod.register_forward_pre_hook(lambda m, args: (plain_int8_activations(args[0], group),))
     return model
+
+
+FP32_ACTIVATIONS = dict(prefill_accuracy_level=0, decode_accuracy_level=0)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -71,18 +85,23 @@ def test_layout_round_trip_matches_plain_pytorch(bits, symmetric):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_eager_graph_matches_plain_dequantized_model(bits):
-    model, fast = quantized("eager", f"int{bits}")
+@pytest.mark.parametrize("int8_activations", [True, False])
+def test_eager_graph_matches_plain_dequantized_model(bits, int8_activations):
+    levels = {} if int8_activations else FP32_ACTIVATIONS
+    model, fast = quantized("eager", QuantConfig(bits=bits, **levels))
     rec = {r.name: r for r in fast.pdcompile_report().phases["decode"]}["quantize_weights"]
     assert rec.matches == 2 * 7 + 1  # 7 projections per layer, 2 layers, lm_head
     decode = fast.graphs["decode"].gm
     ops = [n.target for n in decode.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.pdcompile.weight_only_linear.default) == 15
     assert torch.ops.aten.linear.default not in ops
-    ref = reference_model(bits)
+    ref = reference_model(bits, int8_activations=int8_activations)
+    other = reference_model(bits, int8_activations=not int8_activations)
     ids, mask = models.left_padded_batch()
-    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits[:, -1],
-                               ref(input_ids=ids, attention_mask=mask).logits[:, -1], atol=1e-4, rtol=1e-4)
+    logits = fast(input_ids=ids, attention_mask=mask).logits[:, -1]
+    torch.testing.assert_close(logits, ref(input_ids=ids, attention_mask=mask).logits[:, -1], atol=1e-4, rtol=1e-4)
+    # the activations' rounding is visible: the other level's reference is far off
+    assert (logits - other(input_ids=ids, attention_mask=mask).logits[:, -1]).abs().max() > 1e-3
     assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **KW),
                        ref.generate(input_ids=ids, attention_mask=mask, **KW))
 
@@ -100,7 +119,7 @@ def test_asymmetric_group64_without_lm_head():
 
 
 def test_dequantized_prefill_form():
-    cfg = QuantConfig(bits=8, prefill="dequantized")
+    cfg = QuantConfig(bits=8, prefill="dequantized", **FP32_ACTIVATIONS)  # prefill's dense matmul is fp32
     _, fast = quantized("eager", cfg)
     prefill = [n.target for n in fast.graphs["prefill"].gm.graph.nodes if n.op == "call_function"]
     decode = [n.target for n in fast.graphs["decode"].gm.graph.nodes if n.op == "call_function"]
@@ -108,7 +127,7 @@ def test_dequantized_prefill_form():
     assert decode.count(torch.ops.pdcompile.weight_only_linear.default) == 15
     ids, mask = models.left_padded_batch()
     assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **KW),
-                       reference_model(8).generate(input_ids=ids, attention_mask=mask, **KW))
+                       reference_model(8, int8_activations=False).generate(input_ids=ids, attention_mask=mask, **KW))
 
 
 @pytest.mark.parametrize("backend,bits,atol", [
@@ -181,6 +200,7 @@ def test_bundle_round_trip_in_fresh_process(tmp_path):
     (dict(group_size=8), "power of two >= 16"),
     (dict(prefill="int8"), "prefill must be"),
     (dict(decode_accuracy_level=7), "accuracy_level"),
+    (dict(prefill_accuracy_level=2), "0 .fp32 activations. or 4"),
 ])
 def test_bad_quant_config(kwargs, message):
     with pytest.raises(ValueError, match=message):

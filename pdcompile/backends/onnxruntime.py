@@ -472,8 +472,6 @@ class OrtPhase:
         # Threads spin inside a run but stop at its end: idle sessions (prefill while
         # decoding, and the other way round) must not burn the cores the next run needs.
         opts.add_session_config_entry("session.force_spinning_stop", "1")
-        if not prepack:
-            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.device = device
         shared = model if isinstance(model, SessionModel) else None
         self.keep = (shared.keep, shared.initializers) if shared else ()  # the memory the session reads
@@ -484,6 +482,13 @@ class OrtPhase:
             proto = onnx.load(source, load_external_data=False)
         else:
             proto, source = model, model.SerializeToString()
+        # MatMulNBits computes its int8-activation form (accuracy_level 4) only on weights it
+        # pre-packed: without pre-packing onnxruntime 1.32 silently computes with fp32
+        # activations, a different function from the other backends'. Its codes are a quarter
+        # (int8) or an eighth (int4) of the fp32 bytes, so their packed copy is cheap.
+        prepack = prepack or any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node)
+        if not prepack:
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         # what the session was given: the protobuf (graph, small constants) and the weights outside it
         self.proto_bytes, self.shared_bytes = proto.ByteSize(), shared.data_bytes if shared else 0
         # the graph as lowered (before ONNX Runtime's own fusions): node count by op type
