@@ -5,7 +5,7 @@ tolerance, and the decode graph holds one GroupQueryAttention per layer where th
 express the attention (rotary inside it where the rotary matched), none where it cannot;
 the prefill graph one per layer but the last (pruned to one query per row: decomposed).
 Over the paged pool, decode attention is one ONNX ``Attention`` per layer over the gathered
-blocks (paged_attention_onnx).
+blocks (paged_attention_onnx), and the rotary of q and k ONNX ``RotaryEmbedding`` nodes.
 """
 
 import pytest
@@ -68,11 +68,13 @@ def test_decode_attention_is_group_query_attention(family):
 
 @pytest.mark.parametrize("family", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])
 def test_paged_decode_attention_is_onnx_attention(family):
-    # GQA reads a contiguous cache; the paged graph's attention gathers the pool's blocks into
-    # one ONNX Attention per layer (masked by the positions), with no decomposed softmax left
+    # GQA reads a contiguous cache; the paged graph's attention gathers the pool's
+    # blocks into one ONNX Attention per layer (masked by the positions), with no decomposed
+    # softmax left; q's and k's rotary are ONNX RotaryEmbedding nodes (no Neg/Cos left)
     model, fast = optimized(family, "onnxruntime")
     ops = _decode_ops(fast)
     assert ops["GroupQueryAttention"] == 0 and ops["Attention"] == LAYERS and ops["Softmax"] == 0, ops
+    assert ops["RotaryEmbedding"] == 2 * LAYERS and ops["Neg"] == 0 and ops["Cos"] == 0, ops
     _assert_generates_like_hf(model, fast)
 
 

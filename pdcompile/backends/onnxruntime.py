@@ -44,7 +44,8 @@ from ..passes.functional_cache import functionalize_cache_writes
 from ..passes.utils import PAGED_ATTENTION as PAGED
 from ..phase import PassContext, PhaseSignature
 from . import Backend
-from .ort_attention import (GQA, group_query_attention_onnx, lower_group_query_attention, paged_attention_onnx,
+from .ort_attention import (GQA, ROTARY, group_query_attention_onnx, lower_decode_rotary,
+                            lower_group_query_attention, paged_attention_onnx, rotary_embedding_onnx,
                             single_output_attention)
 from .program import copy_graph_module, export_program
 
@@ -146,6 +147,8 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
         if node.target in grouped:
             node.target = grouped[node.target]
         paged |= node.target is PAGED
+    if paged:  # exported at opset 23, which has RotaryEmbedding
+        lower_decode_rotary(gm, ctx)
     gm.recompile()
     ep = export_program(gm, ctx)
     n_caches = len(ep.graph_signature.user_outputs) - 1
@@ -349,7 +352,7 @@ def _session(source, opts, device, shared: SessionModel | None, disabled_optimiz
 def translation_table() -> dict:
     """``pdcompile::`` ops the exporter writes as ONNX Runtime contrib ops (not decomposed)."""
     return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits, GQA: group_query_attention_onnx,
-            PAGED: paged_attention_onnx}
+            PAGED: paged_attention_onnx, ROTARY: rotary_embedding_onnx}
 
 
 def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, bits: int = 8, group_size: int = 32,

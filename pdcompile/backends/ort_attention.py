@@ -97,6 +97,24 @@ def _(q, k, v, past_k, past_v, pos, scale, window, cos_cache, sin_cache):
 
 GQA = torch.ops.pdcompile.ort_group_query_attention.default
 
+
+@torch.library.custom_op("pdcompile::ort_rotary_embedding", mutates_args=())
+def ort_rotary_embedding(x: torch.Tensor, pos: torch.Tensor, cos_cache: torch.Tensor,
+                         sin_cache: torch.Tensor) -> torch.Tensor:
+    """HF's rotate-half rotary of one new token per row, ``x [B, H, 1, D]`` at ``pos [B]``,
+    with ``[capacity, D/2]`` cos/sin tables (ONNX's ``RotaryEmbedding``, opset 23)."""
+    cos = torch.cat([cos_cache, cos_cache], -1)[pos].view(-1, 1, 1, x.shape[-1])
+    sin = torch.cat([sin_cache, sin_cache], -1)[pos].view(-1, 1, 1, x.shape[-1])
+    return _rotate_half(x, cos, sin)
+
+
+@ort_rotary_embedding.register_fake
+def _(x, pos, cos_cache, sin_cache):
+    return x.new_empty(x.shape)
+
+
+ROTARY = torch.ops.pdcompile.ort_rotary_embedding.default
+
 # Ops a rotary's cos/sin may be computed with from the positions: each output row depends
 # on the same row of pos only, so evaluating them at pos = 0..capacity-1 gives the table.
 _ROTARY_OPS = {aten.unsqueeze.default, aten.to.dtype, aten._to_copy.default, aten.mul.Tensor, aten.mul.Scalar,
@@ -156,6 +174,46 @@ def lower_group_query_attention(gm: torch.fx.GraphModule, ctx: PassContext) -> i
         gm.recompile()
         logger.info("%s: %d attention(s) -> GroupQueryAttention (%s)", ctx.phase, done,
                     "rotary inside" if any(tables.values()) else "rotary outside")
+    return done
+
+
+def lower_decode_rotary(gm: torch.fx.GraphModule, ctx: PassContext) -> int:
+    """Each rotary of a float32 decode graph on CPU that still is HF's rotate-half pattern
+    (the paged graph's: GroupQueryAttention took the contiguous graph's) -> ``ort_rotary_embedding``,
+    which the exporter writes as one ONNX ``RotaryEmbedding`` node (opset 23) instead of ~10
+    Mul/Neg/Slice/Concat/Add kernels. Same checks as GQA's rotary: the pattern by op, cos/sin
+    an elementwise function of the positions, tables evaluated at 0..capacity-1 with equal
+    halves; anything else stays as it is. Returns the number of rotaries lowered."""
+    if ctx.device.type != "cpu" or ctx.phase != "decode":
+        return 0
+    positions = ctx.signature.nodes(gm)[Role.POSITIONS]
+    if not positions:
+        return 0
+    pos = positions[0]
+    capacity = max(ctx.max_seq_len, 3)
+    tables: dict = {}
+    done = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.add.Tensor:
+            continue
+        rot = _rotate_half_of(node)
+        if rot is None or val(node).dtype != torch.float32 or val(node).dim() != 4 or val(node).shape[2] != 1:
+            continue
+        x0, cos, sin = rot
+        if cos not in tables:
+            tables[cos] = _tables(gm, cos, sin, pos, capacity, int(val(x0).shape[-1]))
+        if tables[cos] is None:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(ROTARY, (x0, pos, *tables[cos]))
+        new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        done += 1
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        logger.info("%s: %d rotary pattern(s) -> RotaryEmbedding", ctx.phase, done)
     return done
 
 
@@ -419,6 +477,14 @@ def paged_attention_onnx(q, k_pool, v_pool, block_table, q_pos, scale: float, wi
     out = op.Attention(q3, gathered(k_pool), gathered(v_pool), mask, q_num_heads=hq, kv_num_heads=hkv,
                        scale=scale)[0]
     return op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, hq, dv])), perm=[0, 2, 1, 3])
+
+
+def rotary_embedding_onnx(x, pos, cos_cache, sin_cache):
+    """``pdcompile::ort_rotary_embedding`` as ONNX ``RotaryEmbedding`` (opset 23; 4-D input
+    ``[B, H, S, D]``, position ids ``[B, 1]``, rotate-half, i.e. not interleaved)."""
+    from onnxscript import opset23 as op
+
+    return op.RotaryEmbedding(x, cos_cache, sin_cache, op.Unsqueeze(pos, op.Constant(value_ints=[1])), interleaved=0)
 
 
 def single_output_attention(model) -> int:
