@@ -95,7 +95,9 @@ class OrtOptions:
     again, per session. Its matmul kernels are faster on pre-packed weights, which matters
     for decode; a prompt's matmuls re-lay out each weight panel once per call, cheap next to
     the prompt's compute. Measured on R1 (2-core machine, contended, so ratios only): decode
-    30 -> 17-22 ms/token pre-packed, prefill about 8% faster.
+    30 -> 17-22 ms/token pre-packed, prefill about 8% faster. A session holding quantized
+    weights (``MatMulNBits``) pre-packs whatever this says: its int8-activation kernels
+    need the packed form (see OrtPhase).
     """
 
     threads: int | None = None
