@@ -67,7 +67,8 @@ class QuantConfig:
         shows in the logits directly: benchmarks/accuracy.py measures both settings.
     prefill: "quantized" (the quantized op, as decode) or "dequantized" (prefill's
         linears read fp32 weights dequantized from the same codes once, so both phases
-        compute the same function and prefill keeps dense fp32 matmuls, at 4 bytes per
+        use the same weights and prefill keeps dense fp32 matmuls (fp32 activations,
+        whatever prefill_accuracy_level says), at 4 bytes per
         weight more memory). Applies to prefill, extend and score graphs.
     prefill_accuracy_level / decode_accuracy_level: the activations' precision per phase,
         ONNX Runtime's MatMulNBits ``accuracy_level``: 4 (the default) rounds each group of
@@ -76,9 +77,10 @@ class QuantConfig:
         aten ops), so backends agree with each other at either level. Measured with ONNX
         Runtime 1.32 on an AVX2 CPU (BENCHMARKS.md, 2026-12-04): at 4 the 8-bit decode GEMV
         is 39x faster than at 0, the 4-bit one 3.2x, and an 8-bit 128-row prefill 1.5x;
-        perplexity is unchanged (int8 +0.22% vs fp32 at both levels on SmolLM2). ONNX
-        Runtime GenAI's model builder and llama.cpp's Q8_0/Q4 dot products also round
-        activations to int8. Level 0 is the exact weight-only reference.
+        SmolLM2's int8 perplexity is +0.67% over fp32 at 4, +0.22% at 0. ONNX Runtime
+        GenAI's model builder and llama.cpp's Q8_0/Q4 dot products also round activations
+        to int8. Level 0 is the exact weight-only reference. Off CPU (where ONNX Runtime's
+        kernels for level 4 are not verified here) the graphs use 0 whatever this says.
     """
 
     bits: int = 8

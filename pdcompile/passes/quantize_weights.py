@@ -76,6 +76,8 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
         return PassResult(gm, 0, "weights not quantized (OptimizeConfig.quant is None)")
     dequantized = cfg.prefill == "dequantized" and ctx.phase in _PREFILL_LIKE
     level = cfg.decode_accuracy_level if ctx.phase == "decode" else cfg.prefill_accuracy_level
+    if ctx.device.type != "cpu":  # int8 activations are an ONNX Runtime CPU kernel form (QuantConfig)
+        level = 0
     vocab = _vocab(gm)
     done: dict[str, tuple] = {}  # weight attr -> its new constants (a weight read by two linears)
     matches, head_skipped = 0, 0
