@@ -487,17 +487,16 @@ class OrtPhase:
             proto = onnx.load(source, load_external_data=False)
         else:
             proto, source = model, model.SerializeToString()
-        # MatMulNBits computes its int8-activation form (accuracy_level 4) only on weights it
-        # pre-packed: without pre-packing onnxruntime 1.32 silently computes with fp32
-        # activations, a different function from the other backends'. Its codes are a quarter
-        # (int8) or an eighth (int4) of the fp32 bytes, so their packed copy is cheap.
-        prepack = prepack or any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.graph.node)
-        if not prepack:
-            opts.add_session_config_entry("session.disable_prepacking", "1")
         # what the session was given: the protobuf (graph, small constants) and the weights outside it
         self.proto_bytes, self.shared_bytes = proto.ByteSize(), shared.data_bytes if shared else 0
         # the graph as lowered (before ONNX Runtime's own fusions): node count by op type
         self.op_types = Counter(node.op_type for node in proto.graph.node)
+        # MatMulNBits computes its int8-activation form (accuracy_level 4) only on weights it
+        # pre-packed: without pre-packing onnxruntime 1.32 silently computes with fp32
+        # activations, a different function from the other backends'. Its codes are a quarter
+        # (int8) or an eighth (int4) of the fp32 bytes, so their packed copy is cheap.
+        if not (prepack or self.op_types["MatMulNBits"]):
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         float32_compute = any(p.key == FLOAT32_COMPUTE for p in proto.metadata_props)
         if float32_compute:
             # Its largest temporaries are float32 copies of single weights (the tied lm_head:

@@ -56,6 +56,13 @@ def _rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
 
 
+def _rotary_at(x, positions, cos_cache, sin_cache):
+    """``x [B, H, S, D]`` rotated at ``positions [B, S]`` with ``[capacity, D/2]`` cos/sin tables."""
+    cos = torch.cat([cos_cache, cos_cache], -1)[positions].unsqueeze(1)  # [B, 1, S, D]
+    sin = torch.cat([sin_cache, sin_cache], -1)[positions].unsqueeze(1)
+    return _rotate_half(x, cos, sin)
+
+
 def group_query_attention_reference(q, k, v, past_k, past_v, pos, scale: float, window: int,
                                     cos_cache=None, sin_cache=None):
     """The op's semantics: q/k/v ``[B, H, S, D]`` of new tokens at positions ``pos[b] + i``
@@ -64,9 +71,7 @@ def group_query_attention_reference(q, k, v, past_k, past_v, pos, scale: float, 
     b, _, s, _ = q.shape
     positions = pos.view(-1, 1) + torch.arange(s, device=q.device).view(1, -1)  # [B, S]
     if cos_cache is not None:
-        cos = torch.cat([cos_cache, cos_cache], -1)[positions].unsqueeze(1)  # [B, 1, S, D]
-        sin = torch.cat([sin_cache, sin_cache], -1)[positions].unsqueeze(1)
-        q, k = _rotate_half(q, cos, sin), _rotate_half(k, cos, sin)
+        q, k = _rotary_at(q, positions, cos_cache, sin_cache), _rotary_at(k, positions, cos_cache, sin_cache)
     rows = torch.arange(b, device=q.device).view(-1, 1)
     present_k, present_v = past_k.clone(), past_v.clone()
     present_k.transpose(1, 2)[rows, positions] = k.transpose(1, 2)  # [B, S, H, D] at [b, pos]
@@ -103,9 +108,7 @@ def ort_rotary_embedding(x: torch.Tensor, pos: torch.Tensor, cos_cache: torch.Te
                          sin_cache: torch.Tensor) -> torch.Tensor:
     """HF's rotate-half rotary of one new token per row, ``x [B, H, 1, D]`` at ``pos [B]``,
     with ``[capacity, D/2]`` cos/sin tables (ONNX's ``RotaryEmbedding``, opset 23)."""
-    cos = torch.cat([cos_cache, cos_cache], -1)[pos].view(-1, 1, 1, x.shape[-1])
-    sin = torch.cat([sin_cache, sin_cache], -1)[pos].view(-1, 1, 1, x.shape[-1])
-    return _rotate_half(x, cos, sin)
+    return _rotary_at(x, pos.view(-1, 1), cos_cache, sin_cache)
 
 
 @ort_rotary_embedding.register_fake
