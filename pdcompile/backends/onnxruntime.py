@@ -28,9 +28,11 @@ Execution providers: TensorRT, CUDA, then CPU, whichever this onnxruntime build 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -401,16 +403,46 @@ def _optimize_for_ort(model) -> None:
     residual + RMSNorm -> SkipSimplifiedLayerNormalization, rotary -> RotaryEmbedding where
     its pattern matches, which HF's rotary as exported does not, measured on SmolLM2):
     about 600 -> 450 nodes for an 8-layer Llama decode step, a third faster here.
-    Attention is left alone (GroupQueryAttention already, or the grouped, copy-free form)."""
+    Attention is left alone (GroupQueryAttention already, or the grouped, copy-free form).
+
+    Without the optimizer's ``SlicesSplit`` rule (two Slices of one tensor -> Split): it is
+    the one rule with a two-output pattern, which onnxscript 0.7 matches by enumerating
+    graph nodes for every candidate (``rewriter/_matcher.py``), quadratic in graph size.
+    On SmolLM2 (30 layers) it was 46 s of the decode graph's 54 s here and most of the
+    prefill graph's 98 s. What it would merge are the rotary's two half-slices: gone from
+    decode (GroupQueryAttention / RotaryEmbedding), two Slices instead of one Split in
+    prefill (the same bytes copied).
+    """
     import onnxscript
 
     try:
         from onnxscript.rewriter.ort_fusions import optimize_for_ort
     except ImportError:
         logger.warning("this onnxscript has no ONNX Runtime fusions; the ONNX models run unfused (slower)")
-        onnxscript.optimizer.optimize(model)
-        return
-    optimize_for_ort(model)  # runs the optimizer itself first (with shape inference)
+        optimize_for_ort = onnxscript.optimizer.optimize
+    with _without_rules("SlicesSplit"):
+        optimize_for_ort(model)  # runs the optimizer itself first (with shape inference)
+
+
+_RULES_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_rules(*names: str):
+    """onnxscript's default rewrite rules less ``names``, for the optimizer calls inside.
+
+    The optimizer reads the module's rule tuple at each call and takes no rule list of its
+    own, so the tuple is swapped for the duration (under a lock: lowering may run from
+    several threads) and put back, whatever happens."""
+    from onnxscript import rewriter
+
+    with _RULES_LOCK:
+        rules = rewriter._DEFAULT_REWRITE_RULES
+        rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in names)
+        try:
+            yield
+        finally:
+            rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 def _drop_identity_transposes(model) -> None:
