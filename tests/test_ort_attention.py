@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import models
+import pdcompile
 from conftest import optimized
 from test_parity import ATOL, RTOL, _batch
 
@@ -123,3 +124,48 @@ def test_sliding_window_past_the_window(family, layers, paged):
     assert torch.equal(ref.sequences, out.sequences)
     for step, (a, b) in enumerate(zip(ref.logits, out.logits)):
         torch.testing.assert_close(b, a, atol=ATOL, rtol=RTOL, msg=lambda m: f"step {step}: {m}")
+
+
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow),
+                                    pytest.param("phi3", marks=pytest.mark.slow)])
+def test_export_skips_decomposition_and_matches_the_exporter(family, caplog):
+    """to_onnx translates our phase programs without torch.onnx's decomposition retrace, and
+    each phase's ONNX model computes what torch.onnx.export's (with it) computes: the same
+    logits and cache writes on random inputs, the same nodes per op type after the ONNX
+    Runtime optimization except Reshape (aten.reshape stays reshape where decomposition
+    writes view: at most two more Reshape per layer, which ONNX Runtime runs without a copy)."""
+    import collections
+    import logging
+
+    from pdcompile.backends.onnxruntime import OrtPhase, onnx_ir_model, session_model
+    from pdcompile.cost import example_inputs
+
+    model = models.build(family)
+    cfg = pdcompile.OptimizeConfig(backend="onnxruntime", cache=pdcompile.CacheConfig(max_seq_len=64))
+    _, graphs, _, _ = pdcompile.api.transform(model, cfg, 64, {})
+    assert set(graphs) == {"prefill", "decode", "extend"}
+    gen = torch.Generator().manual_seed(0)
+    for phase, g in graphs.items():
+        sig = g.ctx.signature
+        with caplog.at_level(logging.DEBUG, logger="pdcompile.backends.onnxruntime"):
+            caplog.clear()
+            fast = onnx_ir_model(g.gm, g.ctx)
+            assert not [r for r in caplog.records if "with decompositions" in r.getMessage()], phase
+        reference = onnx_ir_model(g.gm, g.ctx, decompose=True)
+        ops = [collections.Counter((n.domain, n.op_type) for n in m.graph) for m in (fast, reference)]
+        extra_reshapes = ops[0].pop(("", "Reshape"), 0) - ops[1].pop(("", "Reshape"), 0)
+        assert ops[0] == ops[1] and 0 <= extra_reshapes <= 2 * LAYERS, (phase, ops[0] - ops[1], ops[1] - ops[0])
+
+        inputs = example_inputs(sig, 3, 5, 32)
+        for i, spec in enumerate(sig.inputs):
+            if sig.is_state(i):
+                inputs[i] = torch.randn(inputs[i].shape, generator=gen)
+            elif spec.role.name == "TOKENS":
+                inputs[i] = torch.randint(0, model.config.vocab_size, inputs[i].shape, generator=gen)
+        runs = []
+        for m in (fast, reference):
+            args = [t.clone() for t in inputs]
+            logits = OrtPhase(session_model(m, torch.device("cpu")), sig, torch.device("cpu"))(*args)
+            runs.append([logits] + [a for i, a in enumerate(args) if sig.is_state(i)])
+        for a, b in zip(*runs):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

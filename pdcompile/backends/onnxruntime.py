@@ -118,8 +118,10 @@ class OrtOptions:
         return self.prepack == "all" or (self.prepack == "decode" and phase == "decode")
 
 
-def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attention: bool = True):
-    """The phase as an ``onnx_ir.Model`` with outputs ``logits, present_0, ...``.
+def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attention: bool = True,
+                  decompose: bool = False):
+    """The phase as an ``onnx_ir.Model`` with outputs ``logits, present_0, ...``
+    (``decompose``: see :func:`to_onnx`).
 
     Its weight initializers still hold the model's own parameter tensors (no copy): the
     linear layers read them through ``FusedMatMul(transB=1)`` in PyTorch's ``[out, in]``
@@ -157,11 +159,8 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     ep = export_program(gm, ctx)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
-    prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
-                             custom_translation_table=translation_table(),
-                             **({"opset_version": 23} if paged else {}))
+    model = to_onnx(ep, outputs, 23 if paged else None, decompose)
     del ep
-    model = prog.model
     _untransposed_weights(model)
     _optimize_for_ort(model)
     _drop_identity_transposes(model)
@@ -170,6 +169,70 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     if upcast:
         _cast_weights_where_used(model)
         model.metadata_props[FLOAT32_COMPUTE] = "1"
+    return model
+
+
+# The assertion nodes torch.onnx removes before translating (_fx_passes.remove_assertion_nodes)
+_ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
+               torch.ops.aten._assert_async.default, torch.ops.aten._assert_async.msg,
+               torch.ops.aten.sym_constrain_range_for_size.default}
+
+
+def _contiguous(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and val.is_contiguous()
+
+
+def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | None, decompose: bool = False):
+    """``torch.onnx.export(ep, dynamo=True, optimize=False)`` as an ``onnx_ir.Model``,
+    without the exporter's decomposition step where that step has nothing to do.
+
+    The exporter always starts with ``ep.run_decompositions(table)``, a full functionalising
+    retrace of the program (measured on SmolLM2, 30 layers: ~40 s of prefill's lowering
+    and ~15 s of decode's on 2 cores). Our programs come from export_program over a graph
+    that is already ATen, cache writes functional: when every op in it has an ONNX
+    translation of its own (the ops decomposition keeps as they are) and none mutates, the
+    retrace would rebuild the same graph, so this goes straight to the exporter's own type
+    promotion and translation (what it runs after decomposing).
+    Those are private functions of torch.onnx: any other program, or a torch whose
+    exporter is laid out differently, takes the public export (logged at debug level), as
+    does ``decompose=True`` (the reference the tests hold this path to).
+    """
+    try:
+        import torch.fx.experimental._config as fx_config
+        from torch.onnx._constants import ONNX_DEFAULT_OPSET
+        from torch.onnx._internal._lazy_import import onnxscript_apis
+        from torch.onnx._internal.exporter import _core, _decomp, _flags, _fx_passes, _ir_passes, _registration
+
+        opset = opset or ONNX_DEFAULT_OPSET  # what torch.onnx.export defaults to
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+        for op, fn in translation_table().items():
+            registry.register_op(op, fn, is_complex=False)
+        implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+        translate = _flags.set_onnx_exporting_flag(_core._exported_program_to_onnx_program)
+    except (ImportError, AttributeError, TypeError):
+        translate = None
+    if translate is not None and not decompose:
+        # a cast and a reshape as decomposition writes them (ONNX has no aliasing, no strides)
+        for node in ep.graph.nodes:
+            if node.target is torch.ops.aten.to.dtype and not node.kwargs and len(node.args) == 2:
+                node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, node.args[:1], \
+                    {"dtype": node.args[1]}
+            elif node.target is torch.ops.aten.reshape.default and _contiguous(node.args[0]):
+                node.target = torch.ops.aten.view.default
+    ops = {n.target for n in ep.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
+    left = sorted(str(op) for op in ops - _ASSERTIONS if op not in implemented or op._schema.is_mutable) \
+        if translate is not None else ["torch.onnx internals differ"]
+    if decompose or left:
+        logger.debug("ONNX export with decompositions (%s)", left[:5])
+        prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
+                                 custom_translation_table=translation_table(), opset_version=opset)
+        return prog.model
+    with fx_config.patch(backed_size_oblivious=True):  # what the exporter runs after decomposing
+        _fx_passes.insert_type_promotion_nodes(ep.graph_module)
+        ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
+    model = onnxscript_apis.convert_version(translate(ep, registry=registry).model, opset)
+    _ir_passes.rename_outputs(model, outputs)
     return model
 
 
