@@ -178,11 +178,6 @@ _ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._a
                torch.ops.aten.sym_constrain_range_for_size.default}
 
 
-def _contiguous(node) -> bool:
-    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-    return isinstance(val, torch.Tensor) and val.is_contiguous()
-
-
 def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | None, decompose: bool = False):
     """``torch.onnx.export(ep, dynamo=True, optimize=False)`` as an ``onnx_ir.Model``,
     without the exporter's decomposition step where that step has nothing to do.
@@ -209,17 +204,20 @@ def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | N
         for op, fn in translation_table().items():
             registry.register_op(op, fn, is_complex=False)
         implemented = set(_decomp.get_onnx_implemented_overloads(registry))
-        translate = _flags.set_onnx_exporting_flag(_core._exported_program_to_onnx_program)
+
+        @_flags.set_onnx_exporting_flag  # as for the whole of torch.onnx.export
+        def translate(ep):  # what the exporter runs after decomposing
+            with fx_config.patch(backed_size_oblivious=True):
+                _fx_passes.insert_type_promotion_nodes(ep.graph_module)
+                ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
+            return _core._exported_program_to_onnx_program(ep, registry=registry)
     except (ImportError, AttributeError, TypeError):
         translate = None
     if translate is not None and not decompose:
-        # a cast and a reshape as decomposition writes them (ONNX has no aliasing, no strides)
-        for node in ep.graph.nodes:
+        for node in ep.graph.nodes:  # a cast as decomposition writes it (ONNX has no aliasing)
             if node.target is torch.ops.aten.to.dtype and not node.kwargs and len(node.args) == 2:
                 node.target, node.args, node.kwargs = torch.ops.aten._to_copy.default, node.args[:1], \
                     {"dtype": node.args[1]}
-            elif node.target is torch.ops.aten.reshape.default and _contiguous(node.args[0]):
-                node.target = torch.ops.aten.view.default
     ops = {n.target for n in ep.graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)}
     left = sorted(str(op) for op in ops - _ASSERTIONS if op not in implemented or op._schema.is_mutable) \
         if translate is not None else ["torch.onnx internals differ"]
@@ -228,10 +226,7 @@ def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | N
         prog = torch.onnx.export(ep, dynamo=True, optimize=False, output_names=outputs,
                                  custom_translation_table=translation_table(), opset_version=opset)
         return prog.model
-    with fx_config.patch(backed_size_oblivious=True):  # what the exporter runs after decomposing
-        _fx_passes.insert_type_promotion_nodes(ep.graph_module)
-        ep._graph_module = _fx_passes.remove_assertion_nodes(ep.graph_module)
-    model = onnxscript_apis.convert_version(translate(ep, registry=registry).model, opset)
+    model = onnxscript_apis.convert_version(translate(ep).model, opset)
     _ir_passes.rename_outputs(model, outputs)
     return model
 
