@@ -169,3 +169,24 @@ def test_export_skips_decomposition_and_matches_the_exporter(family, caplog):
             runs.append([logits] + [a for i, a in enumerate(args) if sig.is_state(i)])
         for a, b in zip(*runs):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_optimizer_runs_without_the_quadratic_slices_rule():
+    """onnxscript's rule tuple holds SlicesSplit (if it is renamed, _without_rules stops
+    removing it and lowering turns quadratic again: this fails first); inside the context the
+    rule is gone and every other rule is there; afterwards, and after an error, the tuple is
+    the original one."""
+    from onnxscript import rewriter
+
+    from pdcompile.backends.onnxruntime import _without_rules
+
+    rules = rewriter._DEFAULT_REWRITE_RULES
+    assert "SlicesSplit" in [getattr(r, "name", None) for r in rules]
+    with _without_rules("SlicesSplit"):
+        inside = rewriter._DEFAULT_REWRITE_RULES
+        assert [r for r in rules if getattr(r, "name", None) != "SlicesSplit"] == list(inside)
+        assert len(inside) == len(rules) - 1
+    assert rewriter._DEFAULT_REWRITE_RULES is rules
+    with pytest.raises(RuntimeError), _without_rules("SlicesSplit"):
+        raise RuntimeError("lowering failed")
+    assert rewriter._DEFAULT_REWRITE_RULES is rules

@@ -495,7 +495,10 @@ def _without_rules(*names: str):
     from onnxscript import rewriter
 
     with _RULES_LOCK:
-        rules = rewriter._DEFAULT_REWRITE_RULES
+        rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+        if rules is None:  # laid out differently: its optimizer as it is (the test names the rule)
+            yield
+            return
         rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if getattr(r, "name", None) not in names)
         try:
             yield
