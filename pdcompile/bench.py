@@ -173,7 +173,7 @@ def stored_weight_bytes(model, weights: str | None = None) -> int:
     """Bytes of the weights pdcompile stores for ``model`` (what a bundle holds, one copy).
 
     fp32: the model's parameters. int8/int4: every linear layer the quantize_weights pass
-    quantizes (all of them, lm_head included, see :class:`~pdcompile.config.QuantConfig`)
+    quantizes (all of them, lm_head at ``lm_head_bits``, see :class:`~pdcompile.config.QuantConfig`)
     as codes plus one fp32 scale per group; the rest (embedding, norms) stays fp32. A tied
     lm_head is quantized as its own copy while the embedding table stays fp32.
     """
@@ -185,11 +185,16 @@ def stored_weight_bytes(model, weights: str | None = None) -> int:
     if quant is None:
         return total
     tied = model.get_input_embeddings().weight.data_ptr()
+    vocab = model.get_input_embeddings().weight.shape[0]
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             w = module.weight
+            head = w.shape[0] == vocab  # as the pass recognises the output projection
+            if head and not quant.lm_head:
+                continue
+            bits = quant.lm_head_bits if head else quant.bits
             groups = w.numel() // quant.group_size
-            codes = w.numel() * quant.bits // 8 + groups * 4 + (0 if quant.symmetric else groups * quant.bits // 8)
+            codes = w.numel() * bits // 8 + groups * 4 + (0 if quant.symmetric else groups * bits // 8)
             total += codes - (0 if w.data_ptr() == tied else w.numel() * w.element_size())
     return total
 

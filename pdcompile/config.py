@@ -65,6 +65,11 @@ class QuantConfig:
         matrix (21% of SmolLM2's weight bytes, 30% of R1's) and decode reads it every
         step; llama.cpp Q8_0 and ONNX Runtime GenAI int4 quantize it as well. Its error
         shows in the logits directly: benchmarks/accuracy.py measures both settings.
+    lm_head_bits: the output projection's bits when it is quantized, 8 by default whatever
+        ``bits`` says: with 4-bit layers SmolLM2's perplexity is +30% over fp32 with a 4-bit
+        lm_head and +18% with an 8-bit one (BENCHMARKS.md, 2026-12-07), for 14 MB more read
+        per decode step. llama.cpp's 4-bit formats keep the output tensor at 6 bits for the
+        same reason. Set it to 4 for the smallest file.
     prefill: "quantized" (the quantized op, as decode) or "dequantized" (prefill's
         linears read fp32 weights dequantized from the same codes once, so both phases
         use the same weights and prefill keeps dense fp32 matmuls (fp32 activations,
@@ -87,6 +92,7 @@ class QuantConfig:
     group_size: int = 32
     symmetric: bool = True
     lm_head: bool = True
+    lm_head_bits: int = 8
     prefill: str = "quantized"
     prefill_accuracy_level: int = 4
     decode_accuracy_level: int = 4
@@ -94,6 +100,8 @@ class QuantConfig:
     def __post_init__(self):
         if self.bits not in (4, 8):
             raise ValueError(f"bits must be 4 or 8 (weights='int8' or 'int4'), got {self.bits!r}")
+        if self.lm_head_bits not in (4, 8):
+            raise ValueError(f"lm_head_bits must be 4 or 8, got {self.lm_head_bits!r}")
         g = self.group_size
         if not isinstance(g, int) or g < 16 or g & (g - 1):
             raise ValueError(f"group_size must be a power of two >= 16 (ONNX Runtime MatMulNBits), got {g!r}")

@@ -193,10 +193,27 @@ def _unpack4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(*packed.shape[:-1], -1)
 
 
+def _smaller_error(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, h: int) -> torch.Tensor:
+    """Per group of ``w [N, n, G]``, whichever symmetric scale ``a`` or ``b [N, n]`` rounds it
+    onto codes -h .. h-1 with the smaller squared error."""
+    def error(scale):
+        s = torch.where(scale == 0, 1.0, scale).unsqueeze(-1)
+        return ((torch.round(w / s).clamp(-h, h - 1) * s - w) ** 2).sum(dim=-1)
+    return torch.where(error(b) < error(a), b, a)
+
+
 def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool):
     """``weight [N, K]`` -> ``(qweight, scales, zero_points or None)`` in the layout above.
 
-    Symmetric: scale = max|w| / (2 ** (bits - 1) - 1) per group, codes centred on 2 ** (bits - 1).
+    Symmetric: codes centred on 2 ** (bits - 1) (h below), and of two scales per group the one
+    with the smaller squared error: max|w| / (h - 1), which maps the group onto codes
+    1 .. 2h - 1, and w_e / -h with w_e the group's largest-magnitude weight, which maps w_e
+    exactly onto code 0 and uses all 2h codes (llama.cpp's Q4_0/Q8_0 scale; the scale is
+    negative when w_e is positive, which the layout allows) but clips the other side's
+    extreme when it exceeds (h - 1) / h of |w_e|. Choosing per group cut SmolLM2's int4
+    perplexity increase from +51% to +30% (benchmarks/accuracy.py, BENCHMARKS.md 2026-12-07);
+    a wider search over clipped scales by weight error alone made it worse (outlier weights
+    matter more than their share of the squared error).
     Asymmetric: the group's [min, max] (widened to contain 0) over all 2 ** bits codes.
     An all-zero group gets scale 1 (its codes are the zero point, so it dequantizes to 0).
     """
@@ -208,8 +225,10 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     w = weight.detach().to(torch.float32).reshape(n_out, k // group_size, group_size)
     qmax = 2**bits - 1
     if symmetric:
-        zero = torch.full(w.shape[:2], 2 ** (bits - 1), dtype=torch.float32)
-        scale = w.abs().amax(dim=-1) / (2 ** (bits - 1) - 1)
+        h = 2 ** (bits - 1)
+        zero = torch.full(w.shape[:2], h, dtype=torch.float32)
+        extreme = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+        scale = _smaller_error(w, extreme.abs() / (h - 1), extreme / -h, h)
     else:
         lo, hi = w.amin(dim=-1).clamp(max=0), w.amax(dim=-1).clamp(min=0)
         scale = (hi - lo) / qmax

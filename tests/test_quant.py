@@ -33,11 +33,21 @@ def quantized(backend, weights="int8", family="llama", **options):
 def plain_dequantized(w, bits, group, symmetric=True):
     """Group-wise round-to-nearest quantization in plain PyTorch, returned dequantized."""
     n, k = w.shape
-    g = w.reshape(n, k // group, group)
-    if symmetric:
-        scale = g.abs().amax(-1, keepdim=True) / (2 ** (bits - 1) - 1)
-        scale[scale == 0] = 1
-        return (torch.round(g / scale) * scale).reshape(n, k)
+    g = w.detach().clone().reshape(n, k // group, group)
+    if symmetric:  # per group the better of: max|w| onto +-(h-1), and the extreme weight onto code -h
+        h = 2 ** (bits - 1)
+        best = None
+        for i in range(n):
+            for j in range(k // group):
+                v = g[i, j]
+                e = v[v.abs().argmax()]
+                tries = []
+                for scale in (e.abs() / (h - 1), e / -h):
+                    scale = scale if scale != 0 else torch.tensor(1.0)
+                    d = torch.clamp(torch.round(v / scale), -h, h - 1) * scale
+                    tries.append((((d - v) ** 2).sum().item(), d))
+                g[i, j] = tries[1][1] if tries[1][0] < tries[0][0] else tries[0][1]
+        return g.reshape(n, k)
     lo, hi = g.amin(-1, keepdim=True).clamp(max=0), g.amax(-1, keepdim=True).clamp(min=0)
     scale = (hi - lo) / (2**bits - 1)
     scale[scale == 0] = 1
@@ -52,14 +62,17 @@ def plain_int8_activations(x, group):
     return (torch.round(g / torch.where(step == 0, 1, step)) * step).reshape(x.shape)
 
 
-def reference_model(bits, group=32, symmetric=True, lm_head=True, family="llama", int8_activations=True):
-    """The fp32 HF model with every linear weight replaced by its dequantized value and, for
-    accuracy_level 4 (the default), the linear's input rounded to int8 per group."""
+def reference_model(bits, group=32, symmetric=True, lm_head=True, family="llama", int8_activations=True,
+                    head_bits=8):
+    """The fp32 HF model with every linear weight replaced by its dequantized value (the
+    lm_head's at ``head_bits``) and, for accuracy_level 4 (the default), the linear's input
+    rounded to int8 per group."""
     model = models.build(family)
     with torch.no_grad():
         for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and (lm_head or mod.out_features != model.config.vocab_size):
-                mod.weight.copy_(plain_dequantized(mod.weight, bits, group, symmetric))
+            head = mod is model.get_output_embeddings()
+            if isinstance(mod, torch.nn.Linear) and (lm_head or not head):
+                mod.weight.copy_(plain_dequantized(mod.weight, head_bits if head else bits, group, symmetric))
                 if int8_activations:
                     mod.register_forward_pre_hook(lambda m, args: (plain_int8_activations(args[0], group),))
     return model
@@ -104,6 +117,21 @@ def test_eager_graph_matches_plain_dequantized_model(bits, int8_activations):
     assert (logits - other(input_ids=ids, attention_mask=mask).logits[:, -1]).abs().max() > 1e-3
     assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **KW),
                        ref.generate(input_ids=ids, attention_mask=mask, **KW))
+
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+def test_lm_head_gets_its_own_bits(head_bits):
+    model, fast = quantized("eager", QuantConfig(bits=4, lm_head_bits=head_bits))
+    vocab = model.config.vocab_size
+    bits = {n.args[1].meta["val"].shape[0] == vocab: n.args[5] for n in fast.graphs["decode"].gm.graph.nodes
+            if n.target is torch.ops.pdcompile.weight_only_linear.default}
+    assert bits == {True: head_bits, False: 4}
+    ref = reference_model(4, head_bits=head_bits)
+    ids, mask = models.left_padded_batch()
+    torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits[:, -1],
+                               ref(input_ids=ids, attention_mask=mask).logits[:, -1], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="lm_head_bits must be 4 or 8"):
+        QuantConfig(bits=4, lm_head_bits=6)
 
 
 def test_asymmetric_group64_without_lm_head():

@@ -15,8 +15,9 @@ After (form "dequantized", prefill/extend/score with ``QuantConfig.prefill="dequ
 
 Matches ``aten.linear`` whose weight is a 2-D floating-point constant of the graph
 (``get_attr``), whatever the layer is called. The output projection is recognised by
-its shape (out_features equals the vocabulary, the logits' last dimension) and is
-left alone when ``QuantConfig.lm_head`` is off. Skipped on purpose: embeddings (a
+its shape (out_features equals the vocabulary, the logits' last dimension): it gets
+``QuantConfig.lm_head_bits`` (8 by default, also when the layers get 4) and is left alone
+when ``QuantConfig.lm_head`` is off. Skipped on purpose: embeddings (a
 gather, not a matmul), norms, biases (kept in fp32), and matmuls written as
 ``aten.mm``/``addmm`` on a transposed weight (GPT-2's Conv1D): none of the families
 this project captures routes its projections that way.
@@ -101,12 +102,13 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
                 f"group_size={cfg.group_size} does not divide in_features={k} of the linear layer with weight "
                 f"[{n_out}, {k}]; group sizes that do: {fits or 'none (power of two >= 16)'}"
             )
+        bits = cfg.lm_head_bits if n_out == vocab else cfg.bits
         base = "wq_" + w.target.replace(".", "_")
         if w.target not in done:
-            q, s, z = quantize_weight(weight, cfg.bits, cfg.group_size, cfg.symmetric)
+            q, s, z = quantize_weight(weight, bits, cfg.group_size, cfg.symmetric)
             if dequantized:
                 done[w.target] = (_constant(gm, node, base + "_dequantized",
-                                            dequantize_weight(q, s, z, cfg.bits, cfg.group_size)),)
+                                            dequantize_weight(q, s, z, bits, cfg.group_size)),)
             else:
                 done[w.target] = (_constant(gm, node, base + "_codes", q), _constant(gm, node, base + "_scales", s),
                                   None if z is None else _constant(gm, node, base + "_zeros", z))
@@ -118,7 +120,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(
                     torch.ops.pdcompile.weight_only_linear.default,
-                    (x, *consts, bias, cfg.bits, cfg.group_size, level),
+                    (x, *consts, bias, bits, cfg.group_size, level),
                 )
             new.meta = dict(node.meta)
             new.meta[FP32_WEIGHT] = w.target  # the original stays on gm: `pdcompile inspect --check` reads it
@@ -130,6 +132,8 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
               f"{'symmetric' if cfg.symmetric else 'asymmetric'})")
     if head_skipped:
         detail += "; lm_head kept (QuantConfig.lm_head=False)"
+    elif cfg.lm_head_bits != cfg.bits:
+        detail += f"; lm_head int{cfg.lm_head_bits}"
     return PassResult(gm, matches, detail)
 
 
