@@ -21,11 +21,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/pdcompile run
 
+# Two worker processes (pytest-xdist), one file per worker at a time: most of the suite's
+# time is compiling (torch.export, ONNX lowering), which is single-threaded Python, so
+# two processes on 2 cores take about half the time of one. Each worker runs torch with
+# (cores / workers) threads (tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow
 
 # The smoke subset (tests/test_smoke.py) on the oldest supported transformers, in its own venv.
 test-oldest:

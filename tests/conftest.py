@@ -15,6 +15,13 @@ os.environ["PDCOMPILE_CACHE"] = "0"
 
 import pdcompile  # noqa: E402
 
+# Under pytest-xdist (make test: two workers), each worker gets its share of the cores, so
+# the workers' torch and onnxruntime thread pools (onnxruntime sessions default to torch's
+# thread count) do not oversubscribe the machine.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
 # Compiling is the expensive part of the suite: each (family, backend, options) is
 # optimized once per session and shared by every test that needs it.
 _CACHE: dict = {}
