@@ -66,8 +66,8 @@ class QuantConfig:
         step; llama.cpp Q8_0 and ONNX Runtime GenAI int4 quantize it as well. Its error
         shows in the logits directly: benchmarks/accuracy.py measures both settings.
     lm_head_bits: the output projection's bits when it is quantized, 8 by default whatever
-        ``bits`` says: with 4-bit layers SmolLM2's perplexity is +30% over fp32 with a 4-bit
-        lm_head and +18% with an 8-bit one (BENCHMARKS.md, 2026-12-07), for 14 MB more read
+        ``bits`` says: with 4-bit layers SmolLM2's perplexity is +28% over fp32 with a 4-bit
+        lm_head and +17% with an 8-bit one (BENCHMARKS.md, 2026-12-07), for 14 MB more read
         per decode step. llama.cpp's 4-bit formats keep the output tensor at 6 bits for the
         same reason. Set it to 4 for the smallest file.
     prefill: "quantized" (the quantized op, as decode) or "dequantized" (prefill's

@@ -211,7 +211,8 @@ def quantize_weight(weight: torch.Tensor, bits: int, group_size: int, symmetric:
     exactly onto code 0 and uses all 2h codes (llama.cpp's Q4_0/Q8_0 scale; the scale is
     negative when w_e is positive, which the layout allows) but clips the other side's
     extreme when it exceeds (h - 1) / h of |w_e|. Choosing per group cut SmolLM2's int4
-    perplexity increase from +51% to +30% (benchmarks/accuracy.py, BENCHMARKS.md 2026-12-07);
+    perplexity increase (lm_head in 4 bits too) from +49% to +28% (benchmarks/accuracy.py,
+    BENCHMARKS.md 2026-12-07);
     a wider search over clipped scales by weight error alone made it worse (outlier weights
     matter more than their share of the squared error).
     Asymmetric: the group's [min, max] (widened to contain 0) over all 2 ** bits codes.

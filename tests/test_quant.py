@@ -36,7 +36,6 @@ def plain_dequantized(w, bits, group, symmetric=True):
     g = w.detach().clone().reshape(n, k // group, group)
     if symmetric:  # per group the better of: max|w| onto +-(h-1), and the extreme weight onto code -h
         h = 2 ** (bits - 1)
-        best = None
         for i in range(n):
             for j in range(k // group):
                 v = g[i, j]
