@@ -15,6 +15,12 @@ int4-nohead, int4-head4, int8-nohead, int8-a0, int4-a0; ``--bf16`` adds HF eager
   * greedy agreement with fp32 HF eager: ``--prompts`` prompts of 32 tokens cut from the
     text at even spacing, ``--new`` new tokens each, batched; reported as the mean share of
     new tokens before the first divergence, and the number of rows identical to the end.
+``--peers ENGINE[:VARIANT] ...`` measures the CPU engines' own files the same way
+(pdcompile.cpu_peers: llama.cpp f32/q8_0/q4_0, ONNX Runtime GenAI fp32/int4, OpenVINO GenAI
+fp32/int8/int4, converted from the same HF folder; `make bench-peers` installs them): the
+perplexity from each engine's logits over the same windows, the greedy tokens from its own
+generation loop at batch 1, EOS ignored. Their fp32 rows check the method: they should land
+on HF eager's perplexity.
 Quantized variants run pdcompile with ``--backend`` (default eager: the reference graphs,
 no compile time; onnxruntime and inductor match them within the tolerances in
 tests/test_quant.py). Targets (issue 15): int8 perplexity within 1% of fp32, int4 within 6%.
@@ -81,6 +87,23 @@ def greedy(model, prompts: torch.Tensor, new: int) -> torch.Tensor:
     return out[:, prompts.shape[1]:]
 
 
+def peer_perplexity(peer, ids: torch.Tensor, window: int) -> float:
+    nll, count = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        logits = torch.from_numpy(peer.prompt_logits(chunk.tolist()))[:-1]
+        nll += torch.nn.functional.cross_entropy(logits, chunk[1:], reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
+
+
+def peer_greedy(peer, prompts: torch.Tensor, new: int) -> torch.Tensor:
+    rows = [peer.generate(row[None], torch.ones_like(row[None]), new)[0][0, prompts.shape[1]:] for row in prompts]
+    return torch.stack(rows)
+
+
 def agreement(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, int]:
     prefix = []
     for a, b in zip(ref, out):
@@ -100,6 +123,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new", type=int, default=64)
     p.add_argument("--max-tokens", type=int, help="use only the text's first N tokens (a quick check)")
+    p.add_argument("--peers", nargs="*", default=[], metavar="ENGINE[:VARIANT]",
+                   help="also the CPU engines' converted files: llama-cpp, ort-genai, openvino-genai")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -149,6 +174,20 @@ def main(argv=None):
                          seconds=time.perf_counter() - t))
         print(rows[-1])
         del fast
+    if args.peers:
+        from pdcompile import cpu_peers
+
+        for spec in args.peers:
+            for peer in cpu_peers.build(spec, model, tokenizer, max_seq_len=max(args.window, args.prompt_len + args.new)):
+                t = time.perf_counter()
+                peer.ignore_eos = True
+                peer.prepare()
+                ppl = peer_perplexity(peer, ids, args.window)
+                agree, same = agreement(ref_tokens, peer_greedy(peer, prompts, args.new))
+                rows.append(dict(variant=peer.name, weight_bytes=peer.weight_bytes, ppl=ppl, ppl_ratio=ppl / ref_ppl,
+                                 agree=agree, identical=same, seconds=time.perf_counter() - t))
+                print(rows[-1])
+                del peer
     print(f"\n{'variant':34s} {'perplexity':>11s} {'vs fp32':>8s} {'greedy agreement':>17s} {'rows identical':>15s}")
     for r in rows:
         print(f"{r['variant']:34s} {r['ppl']:11.3f} {100 * (r['ppl_ratio'] - 1):+7.2f}% {100 * r['agree']:16.1f}% "

@@ -154,6 +154,18 @@ class ConvertedPeer(Peer):
     def _generate_tokens(self, ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
         raise NotImplementedError
 
+    def prompt_logits(self, ids: list[int]):
+        """The engine's next-token logits at every position of ``ids`` (a fresh context):
+        a float32 array of shape (len(ids), vocab), for perplexity (benchmarks/accuracy.py)."""
+        if self.loaded is None:
+            raise RuntimeError(f"call prepare() first: it converts and loads the model for {self.name}")
+        if not 0 < len(ids) <= self.max_seq_len:
+            raise ValueError(f"{self.name}: scores 1 to {self.max_seq_len} tokens at once; got {len(ids)}")
+        return self._prompt_logits(ids)
+
+    def _prompt_logits(self, ids: list[int]):
+        raise NotImplementedError
+
 
 def llama_cpp_converter() -> Path:
     """llama.cpp's HF -> GGUF converter (from llama-cpp-python's source distribution)."""
@@ -216,6 +228,23 @@ class LlamaCpp(ConvertedPeer):
                 break
         return tokens, times
 
+    def _prompt_logits(self, ids):
+        import numpy as np
+
+        import llama_cpp
+
+        # The generating context keeps only the last position's logits; scoring needs every
+        # position (logits_all), which would slow the timed prefill, so it gets its own context.
+        if getattr(self, "_scorer", None) is None:
+            threads = torch.get_num_threads()
+            self._scorer = llama_cpp.Llama(
+                model_path=str(self.workdir / "converted" / "model.gguf"), n_ctx=self.max_seq_len,
+                n_threads=threads, n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False,
+            )
+        self._scorer.reset()
+        self._scorer.eval(ids)
+        return np.array(self._scorer.scores[: len(ids)], dtype=np.float32)
+
 
 class OrtGenAI(ConvertedPeer):
     """ONNX Runtime GenAI: its model builder's fp32 or int4 graph, its generator loop."""
@@ -259,6 +288,21 @@ class OrtGenAI(ConvertedPeer):
             tokens.append(int(generator.get_next_tokens()[0]))
             times.append(time.perf_counter())
         return tokens, times
+
+    def _prompt_logits(self, ids):
+        import numpy as np
+
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.loaded)
+        params.set_search_options(do_sample=False, max_length=len(ids) + 1)
+        generator = og.Generator(self.loaded, params)
+        generator.append_tokens(np.asarray([ids], dtype=np.int32))
+        # the builder's graph returns logits for every prompt position on the prompt's run
+        logits = np.asarray(generator.get_output("logits"), dtype=np.float32)
+        if logits.shape[:2] != (1, len(ids)):
+            raise RuntimeError(f"{self.name}: expected logits for {len(ids)} positions, got shape {logits.shape}")
+        return logits[0]
 
 
 def optimum_cli() -> str:
@@ -335,6 +379,29 @@ class OpenVINOGenAI(ConvertedPeer):
         result = self.loaded.generate(inputs, config, Streamer())
         tokens = list(result.tokens[0])
         return tokens, times[: len(tokens)]
+
+    def _prompt_logits(self, ids):
+        import numpy as np
+        import openvino as ov
+
+        # LLMPipeline returns tokens, not logits: score with the exported (stateful) model
+        # itself, compiled with the same precision settings as the pipeline.
+        if getattr(self, "_scorer", None) is None:
+            properties = {"INFERENCE_NUM_THREADS": torch.get_num_threads()}
+            if self.variant != "fp32-default":
+                properties["INFERENCE_PRECISION_HINT"] = "f32"
+            compiled = ov.Core().compile_model(str(self.workdir / "converted" / "openvino_model.xml"), "CPU",
+                                               properties)
+            self._scorer = compiled.create_infer_request()
+        request = self._scorer
+        request.reset_state()
+        prompt = np.asarray([ids], dtype=np.int64)
+        inputs = {"input_ids": prompt, "attention_mask": np.ones_like(prompt),
+                  "position_ids": np.arange(len(ids), dtype=np.int64)[None], "beam_idx": np.zeros(1, dtype=np.int32)}
+        names = {name for port in request.model_inputs for name in port.get_names()}
+        request.infer({k: v for k, v in inputs.items() if k in names})
+        logits = np.asarray(request.get_tensor("logits").data, dtype=np.float32)
+        return logits[0, -len(ids):]
 
 
 ENGINES = {peer.engine: peer for peer in (LlamaCpp, OrtGenAI, OpenVINOGenAI)}

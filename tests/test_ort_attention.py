@@ -6,6 +6,8 @@ express the attention (rotary inside it where the rotary matched), none where it
 the prefill graph one per layer but the last (pruned to one query per row: decomposed).
 Over the paged pool, decode attention is one ONNX ``Attention`` per layer over the gathered
 blocks (paged_attention_onnx), and the rotary of q and k ONNX ``RotaryEmbedding`` nodes.
+Neither decode graph keeps a Transpose: with one token per row they only move size-1 axes
+and become Reshapes (ort_layout.py).
 """
 
 import pytest
@@ -61,6 +63,7 @@ def test_decode_attention_is_group_query_attention(family):
     assert ops["GroupQueryAttention"] == gqa, ops
     if gqa:
         assert ops["Softmax"] == 0 and ops["ScatterND"] == 0, ops  # no decomposed attention or cache write left
+        assert ops["Transpose"] == 0, ops  # the head moves of one token are Reshapes (ort_layout.py)
     assert _decode_ops(fast, "prefill")["GroupQueryAttention"] == max(gqa - 1, 0)
     if rotary_inside:
         assert ops["Cos"] == 0 and ops["Neg"] == 0, ops  # the rotary went into the op (do_rotary=1)
@@ -76,6 +79,8 @@ def test_paged_decode_attention_is_onnx_attention(family):
     ops = _decode_ops(fast)
     assert ops["GroupQueryAttention"] == 0 and ops["Attention"] == LAYERS and ops["Softmax"] == 0, ops
     assert ops["RotaryEmbedding"] == 2 * LAYERS and ops["Neg"] == 0 and ops["Cos"] == 0, ops
+    # no layout moves of the one token left (ort_layout.py): the rotaries take q and k as projected
+    assert ops["Transpose"] == 0, ops
     _assert_generates_like_hf(model, fast)
 
 

@@ -8,6 +8,8 @@ decode's rotary where it matches) become ONNX Runtime's ``GroupQueryAttention`` 
 decomposed into plain matmul/softmax with query heads grouped under their kv head
 (:func:`pdcompile.ops.attention_grouped`, no copy of the cache for grouped-query
 attention); the graph is re-exported and ``torch.onnx.export(dynamo=True)`` writes the model.
+In one-token graphs (decode), the Transposes and Gathers that only move size-1 axes
+become Reshapes and collapse (``ort_layout.py``).
 
 Weights: the session reads the model's own parameter memory. The ONNX model refers to
 every weight as external data and the session is handed OrtValues over the parameters
@@ -49,6 +51,7 @@ from . import Backend
 from .ort_attention import (GQA, ROTARY, group_query_attention_onnx, lower_decode_rotary,
                             lower_group_query_attention, paged_attention_onnx, rotary_embedding_onnx,
                             single_output_attention)
+from .ort_layout import drop_unit_layout_moves
 from .program import copy_graph_module, export_program
 
 logger = logging.getLogger(__name__)
@@ -166,6 +169,7 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     _drop_identity_transposes(model)
     if paged:
         single_output_attention(model)
+    drop_unit_layout_moves(model)
     if upcast:
         _cast_weights_where_used(model)
         model.metadata_props[FLOAT32_COMPUTE] = "1"
