@@ -158,7 +158,7 @@ def main(argv=None):
                          seconds=time.perf_counter() - t))
         print(rows[-1])
         del bf
-    for name in args.variants.split(","):
+    for name in [v for v in args.variants.split(",") if v]:
         t = time.perf_counter()
         quant = None if VARIANTS[name] is None else pdcompile.QuantConfig(**VARIANTS[name])
         config = pdcompile.OptimizeConfig(
