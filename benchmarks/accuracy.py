@@ -9,7 +9,8 @@ bytes as token ids 3..258: its perplexity means nothing on its own, only the rat
 variant to fp32 does.
 
 Per variant (``--variants``, default fp32,int8,int4; also int8-asym, int4-asym, int4-g64,
-int4-nohead, int4-head4, int8-nohead, int8-a0, int4-a0; ``--bf16`` adds HF eager in bfloat16):
+int4-nohead, int4-head4, int4-narrow4, int4-plain, int4-g16,
+int8-nohead, int8-a0, int4-a0; ``--bf16`` adds HF eager in bfloat16):
   * perplexity over the text in non-overlapping windows of ``--window`` tokens (each
     window starts fresh, so the first tokens of each are predicted without context);
   * greedy agreement with fp32 HF eager: ``--prompts`` prompts of 32 tokens cut from the
@@ -52,6 +53,10 @@ VARIANTS = {
     "int4-g64": dict(bits=4, group_size=64),
     "int4-nohead": dict(bits=4, lm_head=False),
     "int4-head4": dict(bits=4, lm_head_bits=4),  # the lm_head at 4 bits too (the default keeps it at 8)
+    # the layers with fewer outputs than inputs (down, GQA's k/v) at 4 bits too (the default keeps them at 8)
+    "int4-narrow4": dict(bits=4, narrowing_bits=4),
+    "int4-plain": dict(bits=4, lm_head_bits=4, narrowing_bits=4),  # every linear at 4 bits
+    "int4-g16": dict(bits=4, group_size=16),
     "int8-nohead": dict(bits=8, lm_head=False),
     # fp32 activations (accuracy_level 0) in both phases; the presets above round each
     # linear's input to int8 per group (level 4, the default) on every backend

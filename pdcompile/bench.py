@@ -173,12 +173,14 @@ def stored_weight_bytes(model, weights: str | None = None) -> int:
     """Bytes of the weights pdcompile stores for ``model`` (what a bundle holds, one copy).
 
     fp32: the model's parameters. int8/int4: every linear layer the quantize_weights pass
-    quantizes (all of them, lm_head at ``lm_head_bits``, see :class:`~pdcompile.config.QuantConfig`)
+    quantizes (all of them, lm_head at ``lm_head_bits``, layers with fewer outputs than inputs
+    at ``narrowing_bits``, see :class:`~pdcompile.config.QuantConfig`)
     as codes plus one fp32 scale per group; the rest (embedding, norms) stays fp32. A tied
     lm_head is quantized as its own copy while the embedding table stays fp32.
     """
     from .config import QuantConfig
     from .memory import weight_bytes
+    from .passes.quantize_weights import layer_bits
 
     total = weight_bytes(model)
     quant = QuantConfig.parse(weights)
@@ -192,7 +194,7 @@ def stored_weight_bytes(model, weights: str | None = None) -> int:
             head = w.shape[0] == vocab  # as the pass recognises the output projection
             if head and not quant.lm_head:
                 continue
-            bits = quant.lm_head_bits if head else quant.bits
+            bits = layer_bits(quant, w.shape[0], w.shape[1], vocab)
             groups = w.numel() // quant.group_size
             codes = w.numel() * bits // 8 + groups * 4 + (0 if quant.symmetric else groups * bits // 8)
             total += codes - (0 if w.data_ptr() == tied else w.numel() * w.element_size())

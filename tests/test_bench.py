@@ -137,6 +137,10 @@ def test_stored_weight_bytes_of_quantized_weights():
     every = sum(w.numel() for w in linears)
     # int8, groups of 32: 1 byte per weight + a 4-byte scale per 32 weights (a tied lm_head adds its own copy)
     assert bench.stored_weight_bytes(model, "int8") == fp32 - 4 * untied + every + every // 32 * 4
-    # int4: half a byte per weight, but the lm_head keeps 8 bits (QuantConfig.lm_head_bits)
+    # int4: half a byte per weight, but the lm_head and the layers with fewer outputs than inputs
+    # (down_proj, and k/v of this grouped-query model) keep 8 bits (QuantConfig.lm_head_bits, narrowing_bits)
     head = model.get_output_embeddings().weight.numel()
-    assert bench.stored_weight_bytes(model, "int4") == fp32 - 4 * untied + (every - head) // 2 + head + every // 32 * 4
+    narrowing = sum(w.numel() for w in linears if w.shape[0] < w.shape[1])
+    assert 0 < narrowing < every - head
+    eight = head + narrowing
+    assert bench.stored_weight_bytes(model, "int4") == fp32 - 4 * untied + (every - eight) // 2 + eight + every // 32 * 4

@@ -62,16 +62,18 @@ def plain_int8_activations(x, group):
 
 
 def reference_model(bits, group=32, symmetric=True, lm_head=True, family="llama", int8_activations=True,
-                    head_bits=8):
+                    head_bits=8, narrowing_bits=8):
     """The fp32 HF model with every linear weight replaced by its dequantized value (the
-    lm_head's at ``head_bits``) and, for accuracy_level 4 (the default), the linear's input
-    rounded to int8 per group."""
+    lm_head's at ``head_bits``, those with fewer outputs than inputs at ``narrowing_bits``)
+    and, for accuracy_level 4 (the default), the linear's input rounded to int8 per group."""
     model = models.build(family)
     with torch.no_grad():
         for name, mod in model.named_modules():
             head = mod is model.get_output_embeddings()
             if isinstance(mod, torch.nn.Linear) and (lm_head or not head):
-                mod.weight.copy_(plain_dequantized(mod.weight, head_bits if head else bits, group, symmetric))
+                n_out, n_in = mod.weight.shape
+                layer = head_bits if head else narrowing_bits if n_out < n_in else bits
+                mod.weight.copy_(plain_dequantized(mod.weight, layer, group, symmetric))
                 if int8_activations:
                     mod.register_forward_pre_hook(lambda m, args: (plain_int8_activations(args[0], group),))
     return model
@@ -118,20 +120,27 @@ def test_eager_graph_matches_plain_dequantized_model(bits, int8_activations):
                        ref.generate(input_ids=ids, attention_mask=mask, **KW))
 
 
-@pytest.mark.parametrize("head_bits", [8, 4])
-def test_lm_head_gets_its_own_bits(head_bits):
-    model, fast = quantized("eager", QuantConfig(bits=4, lm_head_bits=head_bits))
+@pytest.mark.parametrize("head_bits, narrowing_bits", [(8, 8), (4, 4), (8, 4)])
+def test_lm_head_and_narrowing_layers_get_their_own_bits(head_bits, narrowing_bits):
+    model, fast = quantized("eager", QuantConfig(bits=4, lm_head_bits=head_bits, narrowing_bits=narrowing_bits))
     vocab = model.config.vocab_size
-    # (is the lm_head, bits) over every quantized linear: a set, so one layer with other bits shows
-    seen = {(n.args[1].meta["val"].shape[0] == vocab, n.args[5]) for n in fast.graphs["decode"].gm.graph.nodes
-            if n.target is torch.ops.pdcompile.weight_only_linear.default}
-    assert seen == {(True, head_bits), (False, 4)}
-    ref = reference_model(4, head_bits=head_bits)
+    # (is the lm_head, has fewer outputs than inputs, bits) over every quantized linear: a set,
+    # so one layer with other bits shows
+    seen = set()
+    for n in fast.graphs["decode"].gm.graph.nodes:
+        if n.target is torch.ops.pdcompile.weight_only_linear.default:
+            n_out, n_in = n.meta["val"].shape[-1], n.args[0].meta["val"].shape[-1]
+            seen.add((n_out == vocab, n_out < n_in, n.args[5]))
+    # the tiny Llama has both: down_proj (128 -> 64) and k/v (2 of 4 heads: 64 -> 32)
+    assert seen == {(True, False, head_bits), (False, True, narrowing_bits), (False, False, 4)}
+    ref = reference_model(4, head_bits=head_bits, narrowing_bits=narrowing_bits)
     ids, mask = models.left_padded_batch()
     torch.testing.assert_close(fast(input_ids=ids, attention_mask=mask).logits[:, -1],
                                ref(input_ids=ids, attention_mask=mask).logits[:, -1], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="lm_head_bits must be 4 or 8"):
         QuantConfig(bits=4, lm_head_bits=6)
+    with pytest.raises(ValueError, match="narrowing_bits must be 4 or 8"):
+        QuantConfig(bits=4, narrowing_bits=2)
 
 
 def test_asymmetric_group64_without_lm_head():

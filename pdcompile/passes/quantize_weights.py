@@ -17,7 +17,9 @@ Matches ``aten.linear`` whose weight is a 2-D floating-point constant of the gra
 (``get_attr``), whatever the layer is called. The output projection is recognised by
 its shape (out_features equals the vocabulary, the logits' last dimension): it gets
 ``QuantConfig.lm_head_bits`` (8 by default, also when the layers get 4) and is left alone
-when ``QuantConfig.lm_head`` is off. Skipped on purpose: embeddings (a
+when ``QuantConfig.lm_head`` is off. Layers with fewer outputs than inputs (the MLP's
+down projection, a grouped-query model's key/value projections) get
+``QuantConfig.narrowing_bits`` (8 by default). Skipped on purpose: embeddings (a
 gather, not a matmul), norms, biases (kept in fp32), and matmuls written as
 ``aten.mm``/``addmm`` on a transposed weight (GPT-2's Conv1D): none of the families
 this project captures routes its projections that way.
@@ -71,6 +73,14 @@ def _vocab(gm: torch.fx.GraphModule) -> int | None:
     return int(v.shape[-1]) if isinstance(v, torch.Tensor) else None
 
 
+def layer_bits(cfg, n_out: int, n_in: int, vocab: int | None) -> int:
+    """A linear layer's bits: the lm_head's (recognised by its vocabulary-sized output), the
+    narrowing layers' (fewer outputs than inputs), or the layers'."""
+    if n_out == vocab:
+        return cfg.lm_head_bits
+    return cfg.narrowing_bits if n_out < n_in else cfg.bits
+
+
 def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
     cfg = getattr(ctx, "quant", None)
     if cfg is None:
@@ -102,7 +112,7 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
                 f"group_size={cfg.group_size} does not divide in_features={k} of the linear layer with weight "
                 f"[{n_out}, {k}]; group sizes that do: {fits or 'none (power of two >= 16)'}"
             )
-        bits = cfg.lm_head_bits if n_out == vocab else cfg.bits
+        bits = layer_bits(cfg, n_out, k, vocab)
         base = "wq_" + w.target.replace(".", "_")
         if w.target not in done:
             q, s, z = quantize_weight(weight, bits, cfg.group_size, cfg.symmetric)
@@ -134,6 +144,8 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
         detail += "; lm_head kept (QuantConfig.lm_head=False)"
     elif cfg.lm_head_bits != cfg.bits:
         detail += f"; lm_head int{cfg.lm_head_bits}"
+    if cfg.narrowing_bits != cfg.bits:
+        detail += f"; linears with fewer outputs than inputs int{cfg.narrowing_bits}"
     return PassResult(gm, matches, detail)
 
 
