@@ -67,6 +67,7 @@ def ort_step(path: str, small, pools, threads: int):
     def step():
         session.run_with_iobinding(binding)
         return logits
+    step.keep = (session, binding, small, pools, logits)  # the bound memory lives as long as the step
     return session, step
 
 
@@ -82,6 +83,7 @@ def openvino_step(path: str, small, pools, threads: int):
     def step():
         request.infer(feeds, share_inputs=True)
         return request.get_tensor("logits").data
+    step.keep = (compiled, request, feeds)
     return step
 
 

@@ -491,6 +491,18 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def _weights(text: str) -> str:
+    """--weights: checked here (argparse names the bad value), passed on as the string."""
+    from .config import QuantConfig
+
+    try:
+        if QuantConfig.parse(text) is None:
+            raise ValueError("fp32 is the unquantized default: leave --weights out")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pdcompile", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -512,7 +524,8 @@ def main(argv=None) -> int:
     p.add_argument("--disable", nargs="*", default=[], metavar="PASS", help="passes to switch off")
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
-    p.add_argument("--weights", choices=["int8", "int4"], help="quantize the weights (the quantize_weights pass)")
+    p.add_argument("--weights", type=_weights, metavar="int8|int4[:field=value,...]",
+                   help="quantize the weights (the quantize_weights pass); e.g. int4:narrowing_bits=4")
     p.add_argument("--check", action="store_true",
                    help="with --weights: each quantized layer's output error against its fp32 weight")
     p.set_defaults(fn=cmd_inspect)
@@ -553,7 +566,7 @@ def main(argv=None) -> int:
                         "'pdcompile[peers]'): llama-cpp, ort-genai, openvino-genai, each as ENGINE (all its "
                         "variants) or ENGINE:VARIANT (llama-cpp:f32|q8_0|q4_0, ort-genai:fp32|int4, "
                         "openvino-genai:fp32|fp32-default|int8|int4)")
-    p.add_argument("--weights", nargs="*", default=[], choices=["int8", "int4"],
+    p.add_argument("--weights", nargs="*", default=[], type=_weights, metavar="int8|int4[:field=value,...]",
                    help="also measure the default backend with these quantized weights")
     p.add_argument("--ignore-eos", action="store_true",
                    help="every system generates --new-tokens tokens (EOS does not stop it), as the engines compare")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 
 @dataclass(frozen=True)
@@ -124,13 +124,40 @@ class QuantConfig:
 
     @classmethod
     def parse(cls, weights) -> "QuantConfig | None":
-        """``optimize(weights=...)``: None / "fp32" (no quantization), "int8", "int4", or a QuantConfig."""
+        """``optimize(weights=...)``: None / "fp32" (no quantization), "int8", "int4", a
+        QuantConfig, or a preset with some fields changed, ``"int4:narrowing_bits=4,group_size=64"``
+        (what the command line's ``--weights`` takes)."""
         if weights is None or isinstance(weights, cls):
             return weights
         presets = {"fp32": None, "int8": 8, "int4": 4}
-        if weights not in presets:
-            raise ValueError(f"weights must be 'int8', 'int4', 'fp32', None or a QuantConfig, got {weights!r}")
-        return None if presets[weights] is None else cls(bits=presets[weights])
+        preset, _, changes = weights.partition(":") if isinstance(weights, str) else (weights, "", "")
+        if preset not in presets:
+            raise ValueError(f"weights must be 'int8', 'int4', 'fp32', None, a QuantConfig or 'int4:field=value,...', "
+                             f"got {weights!r}")
+        if presets[preset] is None:
+            if changes:
+                raise ValueError(f"fp32 weights take no quantization fields, got {weights!r}")
+            return None
+        defaults = {f.name: f.default for f in fields(cls) if f.name != "bits"}
+        values = {"bits": presets[preset]}
+        for item in filter(None, changes.split(",")):
+            name, eq, value = (part.strip() for part in item.partition("="))
+            if not eq or name not in defaults:
+                raise ValueError(f"weights={weights!r}: {item!r} is not field=value with a field of "
+                                 f"QuantConfig: {sorted(defaults)}")
+            default = defaults[name]
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"weights={weights!r}: {name} takes true or false, got {value!r}")
+                values[name] = value.lower() in ("true", "1")
+            elif isinstance(default, int):
+                try:
+                    values[name] = int(value)
+                except ValueError:
+                    raise ValueError(f"weights={weights!r}: {name} takes an integer, got {value!r}") from None
+            else:
+                values[name] = value
+        return cls(**values)
 
 
 @dataclass(frozen=True)

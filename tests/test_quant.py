@@ -266,3 +266,18 @@ def test_layer_errors_report_each_quantized_layer():
         assert len(rows) == 15 and rows[-1]["out_features"] == models.VOCAB
         worst[bits] = max(r["rel_error"] for r in rows)
     assert 0 < worst[8] < 0.02 < worst[4] < 0.5, worst
+
+
+def test_weights_string_with_changed_fields():
+    # what --weights takes on the command line: a preset, then field=value pairs
+    assert QuantConfig.parse("int4:narrowing_bits=4,lm_head_bits=4") == QuantConfig(bits=4, narrowing_bits=4,
+                                                                                      lm_head_bits=4)
+    assert QuantConfig.parse("int8:symmetric=false, group_size=64") == QuantConfig(bits=8, symmetric=False,
+                                                                                    group_size=64)
+    assert QuantConfig.parse("int4") == QuantConfig(bits=4) and QuantConfig.parse("fp32") is None
+    for bad, message in [("int4:bits=8", "not field=value with a field"), ("int4:group=64", "not field=value"),
+                         ("int4:narrowing_bits", "not field=value"), ("int4:symmetric=maybe", "true or false"),
+                         ("int4:group_size=big", "an integer"), ("int4:group_size=48", "power of two"),
+                         ("fp32:lm_head=false", "no quantization fields"), ("int3", "must be 'int8'")]:
+        with pytest.raises(ValueError, match=message):
+            QuantConfig.parse(bad)
