@@ -68,7 +68,7 @@ def ort_step(path: str, small, pools, threads: int):
         session.run_with_iobinding(binding)
         return logits
     step.keep = (session, binding, small, pools, logits)  # the bound memory lives as long as the step
-    return session, step
+    return step
 
 
 def openvino_step(path: str, small, pools, threads: int):
@@ -128,7 +128,7 @@ def main(argv=None):
         steps, results, nodes = {}, {}, {}
         for name, path in graphs.items():
             pools = {k: v.copy() for k, v in pools0.items()}
-            session, steps[name] = ort_step(path, small, pools, args.threads)
+            steps[name] = ort_step(path, small, pools, args.threads)
             results[name] = steps[name]().copy()
             nodes[name] = len(onnx.load(path, load_external_data=False).graph.node)
         if args.openvino:
