@@ -52,7 +52,8 @@ _smoke:
 	$(PY) -m pytest -q -m smoke tests/test_smoke.py
 
 # The CPU engines users pick instead (pdcompile[peers]: llama.cpp, ONNX Runtime GenAI, OpenVINO
-# GenAI), then SmolLM2 side by side with pdcompile (fp32, int8, int4) and HF eager, in one run.
+# GenAI), then SmolLM2 side by side with pdcompile (fp32, int8, int4; each also with bf16 prefill on a CPU
+# with AVX-512 BF16 or AMX) and HF eager, in one run.
 # - llama-cpp-python builds from source (about 14 minutes on 2 cores). Its HF -> GGUF converter
 #   ships only in its source distribution: unpacked under $(VENV)/src.
 # - optimum-intel (OpenVINO's converter, optimum-cli) 2.2.0 caps transformers below 5.6, and the
@@ -60,7 +61,7 @@ _smoke:
 LLAMA_CPP_PYTHON := 0.3.36
 OV_EXPORT_VENV := .venv-ov-export
 PEERS_STAMP := $(VENV)/.peers-installed
-BENCH_PEERS := --model smollm2 --backends onnxruntime --weights int8 int4 \
+BENCH_PEERS := --model smollm2 --backends onnxruntime --weights int8 int4 --bf16-prefill \
 	--peers hf-eager llama-cpp ort-genai openvino-genai --ignore-eos --batches 1 --repeats 8 \
 	--sweep --position-tokens 0 --no-passes-off --no-contiguous --no-kv-experiments --no-reprepare
 

@@ -17,8 +17,9 @@ from .backends import backend_class, default_backend, get_backend
 from .config import CacheConfig, OptimizeConfig, PassConfig, QuantConfig
 from .executor import StepExecutor
 from .kv_cache import ContiguousKV, PagedKV
-from .passes import DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, paged_kv, run_pipeline
-from .phase import PassContext
+from .passes import (DECODE_PIPELINE, EXTEND_PIPELINE, PREFILL_PIPELINE, SCORE_PIPELINE, bf16_matmuls, paged_kv,
+                     run_pipeline)
+from .phase import PHASES, PassContext
 from .report import OptimizeReport
 from .runtime import OptimizedModel, Runner
 
@@ -33,16 +34,31 @@ def default_max_seq_len(config) -> int:
 
 
 def _resolve_config(model, config: OptimizeConfig | None, backend, max_batch_size, max_seq_len, disable_passes,
-                    weights=None, **cache_options):
+                    weights=None, prefill_dtype="float32", **cache_options):
     if config is None:
         config = OptimizeConfig(
             backend=backend,
             cache=CacheConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, **cache_options),
             passes=PassConfig(disabled=frozenset(disable_passes)),
             quant=QuantConfig.parse(weights),
+            prefill_dtype=prefill_dtype,
         )
     elif weights is not None:
         raise ValueError("pass weights= or config=OptimizeConfig(quant=QuantConfig(...)), not both")
+    elif OptimizeConfig(prefill_dtype=prefill_dtype).prefill_dtype != "float32":
+        raise ValueError("pass prefill_dtype= or config=OptimizeConfig(prefill_dtype=...), not both")
+    if config.prefill_dtype == "bfloat16" and config.quant is not None and config.quant.prefill != "dequantized":
+        raise ValueError(f"prefill_dtype='bfloat16' converts float32 linear layers; with weights={config.quant.bits}-bit "
+                         f"prefill runs the quantized kernels (QuantConfig.prefill='quantized'). Pass "
+                         f"weights='int{config.quant.bits}:prefill=dequantized' for bf16 products on the "
+                         f"dequantized weights, or leave prefill_dtype at float32")
+    if config.prefill_dtype == "bfloat16":
+        ok, found = bf16_matmuls.bf16_supported(next(model.parameters()).device)
+        if not ok:  # emulated bf16 products are slower than fp32 ones: the fp32 path, said once
+            logger.warning("prefill_dtype='bfloat16' ignored: %s; prefill computes in float32", found)
+            config = dataclasses.replace(config, prefill_dtype="float32")
+        else:
+            logger.info("prefill computes its linear layers in bfloat16 (%s)", found)
     model_limit = default_max_seq_len(model.config)
     seq = config.cache.max_seq_len
     if seq is None:
@@ -86,7 +102,10 @@ def check_memory(model, config: OptimizeConfig, seq_len: int, backend_name: str,
         kv_pool = default_pool_blocks(geometry, config.cache, seq_len) * per_block
     prepacked = getattr(lowering, "prepacked_copies", None)
     dtype = next(model.parameters()).dtype
-    est = memory.estimate(model, backend_name, kv_pool, prepacked(dtype, device) if prepacked else 0)
+    copies = prepacked(dtype, device) if prepacked else 0
+    if config.prefill_dtype == "bfloat16" and dtype == torch.float32:
+        copies += 0.5  # bf16_matmuls: a bf16 copy of the linear layers, shared by the prefill-like phases
+    est = memory.estimate(model, backend_name, kv_pool, copies)
     memory.check_fits(est, device)
 
 
@@ -153,9 +172,10 @@ def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_i
 
 def run_phase_pipeline(gm, signature, config: OptimizeConfig, seq_len: int, device) -> tuple[PhaseGraph, list]:
     """The phase's pipeline over ``gm``; returns the graph with its final context, and the pass records."""
+    bf16 = config.prefill_dtype == "bfloat16" and PHASES[signature.phase].query != 1  # prefill, extend, score
     ctx = PassContext(phase=signature.phase, signature=signature,
                       cache=dataclasses.replace(config.cache, max_seq_len=seq_len), passes=config.passes,
-                      device=device, quant=config.quant)
+                      device=device, quant=config.quant, matmul_dtype=torch.bfloat16 if bf16 else None)
     gm, records, ctx = run_pipeline(gm, PIPELINES[signature.phase], ctx)
     return PhaseGraph(gm, ctx), records
 
@@ -172,6 +192,7 @@ def optimize(
     prefix_cache: bool = True,
     kv_cache_memory: int | None = None,
     weights: str | QuantConfig | None = None,
+    prefill_dtype: str = "float32",
     config: OptimizeConfig | None = None,
     cache=None,
 ) -> OptimizedModel:
@@ -191,6 +212,10 @@ def optimize(
             full-length sequences, at most 512 MiB).
         weights: "int8" / "int4" (weight-only, group-wise, see :class:`QuantConfig`), a
             :class:`QuantConfig`, or None (the model's weights as they are).
+        prefill_dtype: "float32" (default) or "bfloat16": the dtype of prefill's linear
+            layers (and the extend and score graphs'). bfloat16 makes prefill several times
+            faster on CPUs with AVX-512 BF16 or AMX, at bf16 rounding of the products;
+            elsewhere it is ignored with a warning. Decode is unchanged.
         config: an :class:`OptimizeConfig` instead of the keyword arguments (block size,
             pool size in blocks, backend options).
         cache: the persistent compile cache (see :mod:`pdcompile.compile_cache`): ``None``
@@ -201,8 +226,8 @@ def optimize(
     """
     capture_mod.check_supported(model)  # before anything reads model.config: one clear refusal
     config, seq_len = _resolve_config(model, config, backend, max_batch_size, max_seq_len, disable_passes, weights,
-                                      paged=paged, block_size=block_size, prefix_cache=prefix_cache,
-                                      kv_cache_memory=kv_cache_memory)
+                                      prefill_dtype=prefill_dtype, paged=paged, block_size=block_size,
+                                      prefix_cache=prefix_cache, kv_cache_memory=kv_cache_memory)
     device = next(model.parameters()).device
     backend_name = config.backend or default_backend(device)
     lowering = get_backend(backend_name, config.backend_options)
@@ -210,6 +235,10 @@ def optimize(
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     store = _compile_cache(cache, backend_name, model)
+    if store is not None and config.prefill_dtype == "bfloat16" and not lowering.bf16_matmuls:
+        logger.info("compile cache: not used: bf16 prefill runs on the eager backend next to %s engines, and "
+                    "eager phases have no engine files", backend_name)
+        store = None
     key = None
     if store is not None:
         with _Stage("cache key", timings):
@@ -227,9 +256,10 @@ def optimize(
     phases, entries = {}, {}
     try:
         for phase, g in graphs.items():
-            with _Stage(f"compile[{backend_name}:{phase}]", timings):
+            phase_lowering = lowering_for(lowering, g.gm, g.ctx)
+            with _Stage(f"compile[{phase_lowering.name}:{phase}]", timings):
                 if folder is None:
-                    phases[phase] = (lowering.lower(g.gm, g.ctx), g.ctx.signature)
+                    phases[phase] = (phase_lowering.lower(g.gm, g.ctx), g.ctx.signature)
                 else:  # lowered once, into the cache entry, and run from there (the engine a bundle loads)
                     entries[phase] = lowering.save(g.gm, g.ctx, folder)
                     phases[phase] = (lowering.load(folder, entries[phase], g.ctx), g.ctx.signature)
@@ -263,8 +293,20 @@ def _lazy_phase(phase: str, model, config: OptimizeConfig, seq_len: int, geometr
         graph, report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, executor_device(model))
         if graphs is not None:
             graphs[phase] = graph
-        return lowering.lower(graph.gm, graph.ctx), graph.ctx.signature
+        return lowering_for(lowering, graph.gm, graph.ctx).lower(graph.gm, graph.ctx), graph.ctx.signature
     return build
+
+
+def lowering_for(lowering, gm: torch.fx.GraphModule, ctx: PassContext):
+    """The backend that runs the phase: ``lowering``, or the eager one for bf16 matrix
+    products that ``lowering`` has no kernels for (see OrtBackend.bf16_matmuls)."""
+    if ctx.matmul_dtype is torch.bfloat16 and not lowering.bf16_matmuls and bf16_matmuls.has_bf16_matmuls(gm):
+        from .backends.eager import EagerBackend
+
+        logger.info("%s: bf16 linear layers run on the eager backend (the %s backend has no bf16 matmul)",
+                    ctx.phase, lowering.name)
+        return EagerBackend()
+    return lowering
 
 
 def _runtime(model, config: OptimizeConfig, seq_len: int, geometry, executor: StepExecutor, **kwargs) -> OptimizedModel:

@@ -114,11 +114,13 @@ class PdcompileSystem:
     """
 
     def __init__(self, model, backend: str, max_seq_len: int, max_batch_size: int, disable_passes=(),
-                 paged: bool = True, weights: str | None = None):
+                 paged: bool = True, weights: str | None = None, prefill_dtype: str = "float32"):
         self.model, self.backend, self.disable, self.paged = model, backend, tuple(disable_passes), paged
         self.max_seq_len, self.max_batch_size, self.weights = max_seq_len, max_batch_size, weights
+        self.prefill_dtype = prefill_dtype
         suffix = (" (passes off)" if self.disable else "") + ("" if paged else " (contiguous KV)")
-        self.name = f"pdcompile[{backend}{', ' + weights if weights else ''}]{suffix}"
+        variant = (f", {weights}" if weights else "") + (", bf16 prefill" if prefill_dtype == "bfloat16" else "")
+        self.name = f"pdcompile[{backend}{variant}]{suffix}"
         self.fast = None
         self.ignore_eos = False
         self.weight_bytes = stored_weight_bytes(model, weights)
@@ -130,7 +132,7 @@ class PdcompileSystem:
         t0 = time.perf_counter()
         self.fast = optimize(self.model, backend=self.backend, max_batch_size=self.max_batch_size,
                              max_seq_len=self.max_seq_len, disable_passes=self.disable, paged=self.paged,
-                             prefix_cache=False, weights=self.weights)
+                             prefix_cache=False, weights=self.weights, prefill_dtype=self.prefill_dtype)
         if input_ids is not None:
             self.generate(input_ids, attention_mask, max_new_tokens)
         return time.perf_counter() - t0
@@ -144,7 +146,7 @@ class PdcompileSystem:
             "from pdcompile.bench import PdcompileSystem, _prompt\n"
             f"model, _ = load_model({cfg.model!r})\n"
             f"s = PdcompileSystem(model, {self.backend!r}, {self.max_seq_len}, {self.max_batch_size}, "
-            f"{self.disable!r}, {self.paged!r}, {self.weights!r})\n"
+            f"{self.disable!r}, {self.paged!r}, {self.weights!r}, {self.prefill_dtype!r})\n"
             f"ids, mask = _prompt(1, {cfg.prompt_len}, model.get_input_embeddings().weight.shape[0])\n"
             f"t = s.prepare(ids, mask, {cfg.new_tokens})\n"
             "print(json.dumps({'prepare_s': t, 'hit': 'cache hit' in s.fast.pdcompile_report().timings}))\n"
@@ -251,6 +253,7 @@ class BenchConfig:
     backends: tuple = ("onnxruntime", "inductor", "eager")
     peers: tuple = ("hf-eager", "hf-static-compile", "exporters-onnx")  # and cpu_peers: "llama-cpp[:q8_0]", ...
     weights: tuple = ()  # also the default backend with these weights: "int8", "int4"
+    bf16_prefill: bool = False  # also the default backend's fp32 and --weights systems with prefill_dtype=bfloat16
     ignore_eos: bool = False  # every system generates new_tokens tokens (EOS does not stop it)
     sweep_prompts: tuple = (32, 64, 128, 256, 512, 1024, 2048)
     position_tokens: int = 256
@@ -266,6 +269,7 @@ def build_systems(model, cfg: BenchConfig, tokenizer=None) -> list:
     """The systems to measure; ``tokenizer`` is needed by the CPU engines (their converters)."""
     from . import cpu_peers
     from .backends import default_backend
+    from .passes.bf16_matmuls import bf16_supported
     from .peers import PEERS
 
     systems = []
@@ -274,6 +278,12 @@ def build_systems(model, cfg: BenchConfig, tokenizer=None) -> list:
     default = default_backend(torch.device("cpu"))
     for weights in cfg.weights:
         systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), weights=weights))
+    if cfg.bf16_prefill and not bf16_supported(torch.device("cpu"))[0]:
+        logger.warning("bf16 prefill rows skipped: %s", bf16_supported(torch.device("cpu"))[1])
+    elif cfg.bf16_prefill:
+        for weights in (None, *cfg.weights):
+            systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), weights=weights,
+                                           prefill_dtype="bfloat16"))
     if cfg.passes_off:
         from .passes import ALL_PASSES
 

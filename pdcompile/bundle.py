@@ -49,6 +49,7 @@ import torch
 
 from . import manifest as schema
 from .backends import backend_class, exportable_backends
+from .passes.bf16_matmuls import has_bf16_matmuls
 from .capture import CacheGeometry, LayerGeometry
 from .config import CacheConfig, PassConfig
 from .executor import StepExecutor
@@ -145,6 +146,11 @@ def export(model, path, backend: str = "onnxruntime", tokenizer=None, overwrite:
 
         options = TensorRTOptions(pool_blocks=runner.kv.pool.num_blocks)
     engine = _backend(backend, options)
+    bf16 = [p for p, g in (model.graphs or {}).items() if g.ctx.matmul_dtype is torch.bfloat16 and has_bf16_matmuls(g.gm)]
+    if bf16 and not engine.bf16_matmuls:  # before any lowering: that takes minutes
+        raise ValueError(f"the {', '.join(bf16)} graphs compute their linear layers in bfloat16 (prefill_dtype), "
+                         f"which the {backend} backend has no kernels for; export a model optimized with "
+                         f"prefill_dtype='float32', or export it for the inductor backend")
     path.parent.mkdir(parents=True, exist_ok=True)
     _clean_interrupted(path)
     _check_replaceable(path, overwrite)

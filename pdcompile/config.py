@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+import torch
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -170,3 +172,17 @@ class OptimizeConfig:
     # the backend's own frozen options (e.g. backends.onnxruntime.OrtOptions); None: its defaults
     backend_options: object | None = None
     quant: QuantConfig | None = None  # weight-only int8/int4; None: the model's weights as they are
+    # The dtype prefill's linear layers compute in (also the extend and score graphs): "float32"
+    # or "bfloat16" (the bf16_matmuls pass). bfloat16 pays on CPUs with AVX-512 BF16 or AMX,
+    # where prefill is several times faster (BENCHMARKS.md); elsewhere optimize() keeps float32
+    # and logs why. Decode keeps the model's dtype: it is bound by the bytes it reads.
+    prefill_dtype: str = "float32"
+
+    def __post_init__(self):
+        aliases = {"bf16": "bfloat16", "fp32": "float32", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+        object.__setattr__(self, "prefill_dtype", aliases.get(self.prefill_dtype, self.prefill_dtype))
+        if self.prefill_dtype not in PREFILL_DTYPES:
+            raise ValueError(f"prefill_dtype must be one of {', '.join(PREFILL_DTYPES)}, got {self.prefill_dtype!r}")
+
+
+PREFILL_DTYPES = ("float32", "bfloat16")

@@ -237,6 +237,7 @@ class PassContext:
     device: torch.device = torch.device("cpu")
     dump_dir: str | None = None
     quant: "QuantConfig | None" = None  # weight-only quantization (None: off)
+    matmul_dtype: torch.dtype | None = None  # the linear layers' compute dtype (None: the model's)
 
     @property
     def max_batch_size(self) -> int:

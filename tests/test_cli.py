@@ -55,7 +55,7 @@ def test_inspect_shows_passes_and_dumps(model_dir, tmp_path):
     assert "prefill:" in out and "fewer" in out
     report = json.loads((tmp_path / "r.json").read_text())
     assert [r["name"] for r in report["phases"]["prefill"]] == ["remove_noops", "fuse_causal_mask", "prune_final_layer", "paged_kv",
-                                                                     "quantize_weights"]
+                                                                     "quantize_weights", "bf16_matmuls"]
     assert sorted(p.name for p in (tmp_path / "dump" / "prefill").iterdir())[0] == "00_captured_graph.txt"
 
 

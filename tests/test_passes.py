@@ -189,7 +189,7 @@ def test_decode_attention_mask(family):
 
 def test_pipelines_are_explicit_ordered_lists():
     assert [p.name for p in PREFILL_PIPELINE] == ["remove_noops", "fuse_causal_mask", "prune_final_layer", "paged_kv",
-                                                  "quantize_weights"]
+                                                  "quantize_weights", "bf16_matmuls"]
     assert [p.name for p in DECODE_PIPELINE] == ["remove_noops", "decode_attention_mask", "paged_kv", "quantize_weights"]
 
 
@@ -243,7 +243,8 @@ def test_graph_dumps(tmp_path, monkeypatch):
     run_pipeline(cap.prefill, PREFILL_PIPELINE, cap.ctx("prefill"))
     files = sorted(os.listdir(tmp_path / "prefill"))
     assert files == ["00_captured_graph.txt", "01_remove_noops_after.txt", "02_fuse_causal_mask_after.txt",
-                     "03_prune_final_layer_after.txt", "04_paged_kv_after.txt", "05_quantize_weights_after.txt"]
+                     "03_prune_final_layer_after.txt", "04_paged_kv_after.txt", "05_quantize_weights_after.txt",
+                     "06_bf16_matmuls_after.txt"]
     assert "scaled_dot_product_attention" in (tmp_path / "prefill" / files[0]).read_text()
     assert "pdcompile.attention" in (tmp_path / "prefill" / files[2]).read_text()
     assert "pool_0" in (tmp_path / "prefill" / files[4]).read_text()

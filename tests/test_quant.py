@@ -80,6 +80,27 @@ def reference_model(bits, group=32, symmetric=True, lm_head=True, family="llama"
 
 
 FP32_ACTIVATIONS = dict(prefill_accuracy_level=0, decode_accuracy_level=0)
+# Logits closer than this are a tie that two implementations of one function may break
+# either way: fp32 kernels differ by ~1e-6, which moves logits by ~1e-4 -- but rounding an
+# activation to int8 (accuracy_level 4) is a step function, and a 1e-6 difference at a
+# rounding boundary moves that activation by a whole step (max|x| / 254), which moved
+# logits by up to ~1e-2 here after 17 steps.
+TIE = {True: 3e-2, False: 1e-3}  # by int8 activations
+
+
+def assert_same_greedy(got, hf_ref, ids, mask, int8_activations=True):
+    """``got`` is the greedy output of ``hf_ref`` (an HF model), except that a row may leave it
+    where the reference's two best logits were within TIE (a near-tie that the other
+    implementation breaks the other way; after that the rows are different texts)."""
+    out = hf_ref.generate(input_ids=ids, attention_mask=mask, **KW, return_dict_in_generate=True, output_scores=True)
+    assert got.shape == out.sequences.shape
+    n = ids.shape[1]
+    for row in range(got.shape[0]):
+        differs = (got[row, n:] != out.sequences[row, n:]).nonzero()
+        if len(differs):
+            step = int(differs[0])
+            best, second = out.scores[step][row].topk(2).values.tolist()
+            assert best - second < TIE[int8_activations], f"row {row} leaves the reference at step {step}, margin {best - second:.2e}"
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -116,8 +137,7 @@ def test_eager_graph_matches_plain_dequantized_model(bits, int8_activations):
     torch.testing.assert_close(logits, ref(input_ids=ids, attention_mask=mask).logits[:, -1], atol=1e-4, rtol=1e-4)
     # the activations' rounding is visible: the other level's reference is far off
     assert (logits - other(input_ids=ids, attention_mask=mask).logits[:, -1]).abs().max() > 1e-3
-    assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **KW),
-                       ref.generate(input_ids=ids, attention_mask=mask, **KW))
+    assert_same_greedy(fast.generate(input_ids=ids, attention_mask=mask, **KW), ref, ids, mask, int8_activations)
 
 
 @pytest.mark.parametrize("head_bits, narrowing_bits", [(8, 8), (4, 4), (8, 4)])
@@ -148,8 +168,7 @@ def test_asymmetric_group64_without_lm_head():
     _, fast = quantized("eager", cfg)
     ref = reference_model(4, 64, symmetric=False, lm_head=False)
     ids, mask = models.left_padded_batch()
-    assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **KW),
-                       ref.generate(input_ids=ids, attention_mask=mask, **KW))
+    assert_same_greedy(fast.generate(input_ids=ids, attention_mask=mask, **KW), ref, ids, mask)
     decode = fast.graphs["decode"].gm
     ops = [n.target for n in decode.graph.nodes if n.op == "call_function"]
     assert ops.count(torch.ops.aten.linear.default) == 1  # the lm_head
@@ -163,8 +182,8 @@ def test_dequantized_prefill_form():
     assert torch.ops.pdcompile.weight_only_linear.default not in prefill
     assert decode.count(torch.ops.pdcompile.weight_only_linear.default) == 15
     ids, mask = models.left_padded_batch()
-    assert torch.equal(fast.generate(input_ids=ids, attention_mask=mask, **KW),
-                       reference_model(8, int8_activations=False).generate(input_ids=ids, attention_mask=mask, **KW))
+    assert_same_greedy(fast.generate(input_ids=ids, attention_mask=mask, **KW),
+                       reference_model(8, int8_activations=False), ids, mask, int8_activations=False)
 
 
 @pytest.mark.parametrize("backend,bits,atol", [
@@ -221,7 +240,7 @@ def test_int8_greedy_agrees_with_fp32():
 
 
 def test_bundle_round_trip_in_fresh_process(tmp_path):
-    _, fast = quantized("eager", "int4")
+    _, fast = quantized("onnxruntime", "int4")  # the engine the bundle holds: the same tokens, bit for bit
     path = tmp_path / "llama-int4.pdc"
     pdcompile.export(fast, path, backend="onnxruntime")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -40,6 +40,9 @@ class Backend:
     # optimize() may lower through save()+load() into the compile cache and run the loaded
     # engine (pdcompile/compile_cache.py): true where that engine is the one lower() makes
     cacheable: ClassVar[bool] = True
+    # It runs bfloat16 matrix products (the bf16_matmuls pass, OptimizeConfig.prefill_dtype).
+    # Where it does not, optimize() runs those phases on the eager backend instead.
+    bf16_matmuls: ClassVar[bool] = True
 
     def __init__(self, options=None):
         options = options if options is not None else self.options_class()

@@ -705,6 +705,9 @@ class OrtBackend(Backend):
     name = "onnxruntime"
     options_class = OrtOptions
     native_code = False  # ONNX files are data: operators come from the installed onnxruntime
+    # The CPU provider has no bfloat16 MatMul (float32_compute.py): a bf16-prefill phase runs
+    # on the eager backend, where aten.linear reaches oneDNN's AVX-512 BF16 / AMX kernels.
+    bf16_matmuls = False
 
     def prepacked_copies(self, dtype: torch.dtype, device: torch.device) -> int:
         """Sessions of optimize() (prefill, decode) that will keep a pre-packed copy of the

@@ -7,7 +7,7 @@ invariants every pass keeps.
 
 from __future__ import annotations
 
-from . import decode_attention_mask, fuse_causal_mask, paged_kv, prune_final_layer, quantize_weights, remove_noops
+from . import bf16_matmuls, decode_attention_mask, fuse_causal_mask, paged_kv, prune_final_layer, quantize_weights, remove_noops
 from .manager import GraphPass, PassError, PassRecord, PassResult, cleanup, refresh_meta, run_pipeline
 
 PREFILL_PIPELINE: list[GraphPass] = [
@@ -15,7 +15,8 @@ PREFILL_PIPELINE: list[GraphPass] = [
     fuse_causal_mask.PASS,
     prune_final_layer.PASS,  # after the fusion: it turns causal attention into one query per row
     paged_kv.PASS,  # the passes above see the capture's contiguous caches
-    quantize_weights.PASS,  # last: the passes above match HF's linear layers
+    quantize_weights.PASS,  # the passes above match HF's linear layers
+    bf16_matmuls.PASS,  # after quantize_weights: it converts the dequantized prefill form too
 ]
 DECODE_PIPELINE: list[GraphPass] = [
     remove_noops.PASS,
@@ -30,6 +31,7 @@ EXTEND_PIPELINE: list[GraphPass] = [
     prune_final_layer.PASS,
     paged_kv.PASS,
     quantize_weights.PASS,
+    bf16_matmuls.PASS,
 ]
 # Prefill returning every position's logits (forward() without logits_to_keep).
 SCORE_PIPELINE: list[GraphPass] = [
@@ -37,6 +39,7 @@ SCORE_PIPELINE: list[GraphPass] = [
     fuse_causal_mask.PASS,
     paged_kv.PASS,
     quantize_weights.PASS,
+    bf16_matmuls.PASS,
 ]
 
 ALL_PASSES = {p.name: p for p in PREFILL_PIPELINE + DECODE_PIPELINE + EXTEND_PIPELINE + SCORE_PIPELINE}

@@ -28,7 +28,7 @@ A weight whose in_features the group size does not divide is an error that names
 layer's shape and the group sizes that would work: quantizing part of a model
 silently would make its accuracy and its speed something else than asked.
 
-Runs last in every pipeline: the passes before it match HF's graph (the lm_head
+Runs after the structural passes (only bf16_matmuls follows it): they match HF's graph (the lm_head
 linear is what prune_final_layer slices in front of), and it changes no input of the
 phase. Each phase quantizes its own copy of the weights (same codes: the function is
 deterministic).
