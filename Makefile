@@ -65,8 +65,10 @@ BENCH_PEERS := --model smollm2 --backends onnxruntime --weights int8 int4 --bf16
 	--peers hf-eager llama-cpp ort-genai openvino-genai --ignore-eos --batches 1 --repeats 8 \
 	--sweep --position-tokens 0 --no-passes-off --no-contiguous --no-kv-experiments --no-reprepare
 
+# --no-cache-dir: llama-cpp-python is built for this CPU (GGML_NATIVE), and pip's wheel cache would
+# hand a build from another machine to this one (seen: "Illegal instruction" on a CPU lacking one).
 $(PEERS_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install -c constraints.txt -e ".[dev,peers]"
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install --no-cache-dir -c constraints.txt -e ".[dev,peers]"
 	$(PIP) download --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar -xzf $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/src
 	ln -sfn llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(VENV)/src/llama.cpp

@@ -10,7 +10,9 @@ variant to fp32 does.
 
 Per variant (``--variants``, default fp32,int8,int4; also int8-asym, int4-asym, int4-g64,
 int4-nohead, int4-head4, int4-narrow4, int4-plain, int4-g16,
-int8-nohead, int8-a0, int4-a0; ``--bf16`` adds HF eager in bfloat16):
+int8-nohead, int8-a0, int4-a0, bf16-prefill (prefill_dtype="bfloat16": the perplexity is the
+score graph's, in bf16; greedy decode is fp32 after a bf16 prefill); ``--bf16`` adds HF eager in
+bfloat16):
   * perplexity over the text in non-overlapping windows of ``--window`` tokens (each
     window starts fresh, so the first tokens of each are predicted without context);
   * greedy agreement with fp32 HF eager: ``--prompts`` prompts of 32 tokens cut from the
@@ -62,6 +64,8 @@ VARIANTS = {
     # linear's input to int8 per group (level 4, the default) on every backend
     "int8-a0": dict(bits=8, prefill_accuracy_level=0, decode_accuracy_level=0),
     "int4-a0": dict(bits=4, prefill_accuracy_level=0, decode_accuracy_level=0),
+    # fp32 weights, prefill's (and the score graph's) linear layers in bf16; decode fp32
+    "bf16-prefill": dict(prefill_dtype="bfloat16"),
 }
 
 
@@ -165,9 +169,11 @@ def main(argv=None):
         del bf
     for name in [v for v in args.variants.split(",") if v]:
         t = time.perf_counter()
-        quant = None if VARIANTS[name] is None else pdcompile.QuantConfig(**VARIANTS[name])
+        spec = dict(VARIANTS[name] or {})
+        prefill_dtype = spec.pop("prefill_dtype", "float32")
+        quant = pdcompile.QuantConfig(**spec) if spec else None
         config = pdcompile.OptimizeConfig(
-            backend=args.backend, quant=quant,
+            backend=args.backend, quant=quant, prefill_dtype=prefill_dtype,
             cache=pdcompile.CacheConfig(max_batch_size=args.prompts,
                                         max_seq_len=max(args.window, args.prompt_len + args.new) + 1),
         )
@@ -175,6 +181,7 @@ def main(argv=None):
         ppl = perplexity(fast, ids, args.window)
         agree, same = agreement(ref_tokens, greedy(fast, prompts, args.new))
         rows.append(dict(variant=f"pdcompile {args.backend} {name}", quant=dataclasses.asdict(quant) if quant else None,
+                         prefill_dtype=prefill_dtype,
                          ppl=ppl, ppl_ratio=ppl / ref_ppl, agree=agree, identical=same,
                          seconds=time.perf_counter() - t))
         print(rows[-1])

@@ -281,7 +281,8 @@ def build_systems(model, cfg: BenchConfig, tokenizer=None) -> list:
     if cfg.bf16_prefill and not bf16_supported(torch.device("cpu"))[0]:
         logger.warning("bf16 prefill rows skipped: %s", bf16_supported(torch.device("cpu"))[1])
     elif cfg.bf16_prefill:
-        for weights in (None, *cfg.weights):
+        # quantized weights: bf16 products on the dequantized codes (QuantConfig.prefill), decode as before
+        for weights in (None, *(w + ("," if ":" in w else ":") + "prefill=dequantized" for w in cfg.weights)):
             systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), weights=weights,
                                            prefill_dtype="bfloat16"))
     if cfg.passes_off:
