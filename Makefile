@@ -65,10 +65,17 @@ BENCH_PEERS := --model smollm2 --backends onnxruntime --weights int8 int4 --bf16
 	--peers hf-eager llama-cpp ort-genai openvino-genai --ignore-eos --batches 1 --repeats 8 \
 	--sweep --position-tokens 0 --no-passes-off --no-contiguous --no-kv-experiments --no-reprepare
 
-# --no-cache-dir: llama-cpp-python is built for this CPU (GGML_NATIVE), and pip's wheel cache would
-# hand a build from another machine to this one (seen: "Illegal instruction" on a CPU lacking one).
+# llama.cpp is built for this CPU (-march=native), except on CPUs with AMX: there llama.cpp's AMX
+# kernels (its Q8_0/Q4_0 matmuls) died with SIGILL at their first tile instruction (tilezero) in
+# this project's VMs (2026-12-07), so those builds name every x86 feature up to AVX-512 VNNI/BF16
+# instead, which every AMX CPU has. --no-cache-dir: pip's wheel cache would otherwise hand a build
+# made on another machine to this one.
+LLAMA_CPP_NO_AMX := -DGGML_NATIVE=OFF -DGGML_SSE42=ON -DGGML_F16C=ON -DGGML_FMA=ON -DGGML_BMI2=ON -DGGML_AVX=ON \
+	-DGGML_AVX2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON
+LLAMA_CPP_CMAKE_ARGS ?= $(if $(shell grep -m1 -o amx_tile /proc/cpuinfo 2>/dev/null),$(LLAMA_CPP_NO_AMX),-DGGML_NATIVE=ON)
+
 $(PEERS_STAMP): $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PIP) install --no-cache-dir -c constraints.txt -e ".[dev,peers]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install --no-cache-dir -c constraints.txt -e ".[dev,peers]"
 	$(PIP) download --no-deps --no-binary :all: -d $(VENV)/src llama-cpp-python==$(LLAMA_CPP_PYTHON)
 	tar -xzf $(VENV)/src/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(VENV)/src
 	ln -sfn llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(VENV)/src/llama.cpp
