@@ -105,6 +105,8 @@ def check_memory(model, config: OptimizeConfig, seq_len: int, backend_name: str,
     copies = prepacked(dtype, device) if prepacked else 0
     if config.prefill_dtype == "bfloat16" and dtype == torch.float32:
         copies += 0.5  # bf16_matmuls: a bf16 copy of the linear layers, shared by the prefill-like phases
+        if device.type == "cpu" and (backend_name == "eager" or not lowering.bf16_matmuls):
+            copies += 0.5  # and the eager backend's oneDNN-reordered copy of it (backends/eager.py)
     est = memory.estimate(model, backend_name, kv_pool, copies)
     memory.check_fits(est, device)
 

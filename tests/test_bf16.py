@@ -113,6 +113,28 @@ def test_onnxruntime_runs_bf16_prefill_on_eager_and_decode_on_onnxruntime():
     phases = fast.runner.executor.phases
     assert isinstance(phases["prefill"][0], torch.fx.GraphModule)  # the eager backend's callable
     assert type(phases["decode"][0]).__module__ == "pdcompile.backends.onnxruntime"
+    # where oneDNN has bf16 kernels, the eager phase calls them on pre-reordered weights
+    packed = [n for n in phases["prefill"][0].graph.nodes if n.target is torch.ops.mkldnn._linear_pointwise.default]
+    onednn = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert len(packed) == (15 if onednn else 0)
+
+
+def test_prepacked_linears_compute_the_same_products():
+    from pdcompile.backends.eager import prepack_bf16_linears
+
+    if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        pytest.skip("oneDNN has no bf16 kernels on this CPU: the eager backend keeps aten.linear")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False))
+    x = torch.randn(3, 11, 64).bfloat16()
+    gm = torch.export.export(model.to(torch.bfloat16), (x,)).module()
+    gm.graph.eliminate_dead_code()
+    for n in gm.graph.nodes:  # what the pass leaves: linear on constant weights, inputs with fake values
+        if n.op == "placeholder":
+            n.meta["val"] = x
+    packed = prepack_bf16_linears(gm)
+    assert sum(n.target is torch.ops.mkldnn._linear_pointwise.default for n in packed.graph.nodes) == 2
+    got = packed(x)  # the copy's graph returns the exported graph's flat outputs
+    assert torch.equal(got[0] if isinstance(got, tuple) else got, gm(x))
 
 
 def test_cpu_without_bf16_keeps_float32_and_says_so(monkeypatch, caplog):
