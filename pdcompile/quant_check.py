@@ -13,14 +13,8 @@ import torch
 
 from .cost import example_inputs
 from .passes.quantize_weights import FP32_WEIGHT
+from .passes.utils import attr
 from .phase import Role
-
-
-def _attr(gm, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 class _Probe(torch.fx.Interpreter):
@@ -35,7 +29,7 @@ class _Probe(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             bias = args[4] if n.target is torch.ops.pdcompile.weight_only_linear.default else (
                 args[2] if len(args) > 2 else kwargs.get("bias"))
-            ref = torch.nn.functional.linear(args[0], _attr(self.module, source), bias)
+            ref = torch.nn.functional.linear(args[0], attr(self.module, source), bias)
             err = float((out - ref).float().norm() / ref.float().norm().clamp_min(1e-30))
             self.rows.append({"layer": source, "out_features": int(ref.shape[-1]), "rel_error": err})
         return out

@@ -15,15 +15,13 @@ backend hands to eager, its CPU provider having no bf16 matmul.
 
 from __future__ import annotations
 
-import functools
 import weakref
 
 import torch
 
+from ..passes.utils import constant_linears
 from . import Backend
 from .program import copy_graph_module
-
-aten = torch.ops.aten
 
 # bf16 weight -> its oneDNN-blocked copy, shared by the phases (prefill, extend, score) that
 # read the same bf16 copy, for as long as a lowered graph holds it (see bf16_matmuls._COPIES)
@@ -43,16 +41,9 @@ def prepack_bf16_linears(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` whose bf16 ``aten.linear`` on constant weights call oneDNN on
     pre-reordered weights (``gm`` itself is left as it is: export() reads it)."""
     gm = copy_graph_module(gm)
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.linear.default:
-            continue
-        x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else None
-        if not (isinstance(w, torch.fx.Node) and w.op == "get_attr"):
-            continue
-        weight = functools.reduce(getattr, w.target.split("."), gm)
+    for node, x, w, weight, bias in constant_linears(gm):
         x_val = x.meta.get("val") if isinstance(x, torch.fx.Node) else None
-        if weight.dtype != torch.bfloat16 or weight.dim() != 2 or getattr(x_val, "dtype", None) != torch.bfloat16:
+        if weight.dtype != torch.bfloat16 or getattr(x_val, "dtype", None) != torch.bfloat16:
             continue
         name = "onednn_" + w.target.replace(".", "_")
         gm.register_buffer(name, _packed(weight), persistent=False)  # an opaque mkldnn tensor: never saved

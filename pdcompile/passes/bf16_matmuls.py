@@ -36,8 +36,8 @@ import weakref
 import torch
 
 from .manager import GraphPass, PassResult
-from .quantize_weights import _attr, _constant
-from .utils import aten, val
+from .quantize_weights import _constant
+from .utils import attr, aten, constant_linears, val
 
 NAME = "bf16_matmuls"
 logger = logging.getLogger(__name__)
@@ -73,8 +73,7 @@ def _bf16_copy(weight: torch.Tensor) -> torch.Tensor:
 
 def has_bf16_matmuls(gm: torch.fx.GraphModule) -> bool:
     """Whether a linear layer of ``gm`` multiplies bfloat16 weights (this pass's, or a bf16 model's)."""
-    return any(n.target is aten.linear.default and isinstance(n.args[1], torch.fx.Node) and n.args[1].op == "get_attr"
-               and _attr(gm, n.args[1].target).dtype == torch.bfloat16 for n in gm.graph.nodes)
+    return any(weight.dtype == torch.bfloat16 for _, _, _, weight, _ in constant_linears(gm))
 
 
 def bf16_matmuls(gm: torch.fx.GraphModule, ctx) -> PassResult:
@@ -85,22 +84,13 @@ def bf16_matmuls(gm: torch.fx.GraphModule, ctx) -> PassResult:
     copies: dict[str, torch.fx.Node] = {}  # weight or bias attribute -> the get_attr of its copy
     converted, already = 0, 0
 
-    def copy_of(attr: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
-        if attr.target not in copies:  # placed before its first user
-            copies[attr.target] = _constant(gm, user, "bf16_" + attr.target.replace(".", "_"),
-                                            _bf16_copy(_attr(gm, attr.target)))
-        return copies[attr.target]
+    def copy_of(const: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
+        if const.target not in copies:  # placed before its first user
+            copies[const.target] = _constant(gm, user, "bf16_" + const.target.replace(".", "_"),
+                                             _bf16_copy(attr(gm, const.target)))
+        return copies[const.target]
 
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not aten.linear.default:
-            continue
-        x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
-            continue
-        weight = _attr(gm, w.target)
-        if weight.dim() != 2:
-            continue
+    for node, x, w, weight, bias in constant_linears(gm):
         if weight.dtype == torch.bfloat16:
             already += 1
             continue

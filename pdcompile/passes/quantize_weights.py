@@ -40,19 +40,12 @@ import torch
 
 from ..ops import dequantize_weight, quantize_weight
 from .manager import GraphPass, PassResult
-from .utils import aten, val
+from .utils import constant_linears, val
 
 NAME = "quantize_weights"
 FP32_WEIGHT = "pdcompile_fp32_weight"  # node.meta key: the attribute of the weight a node quantizes
 
 _PREFILL_LIKE = ("prefill", "extend", "score")
-
-
-def _attr(gm: torch.fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _constant(gm: torch.fx.GraphModule, node: torch.fx.Node, name: str, tensor: torch.Tensor) -> torch.fx.Node:
@@ -92,15 +85,8 @@ def quantize_weights(gm: torch.fx.GraphModule, ctx) -> PassResult:
     vocab = _vocab(gm)
     done: dict[str, tuple] = {}  # weight attr -> its new constants (a weight read by two linears)
     matches, head_skipped = 0, 0
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not aten.linear.default:
-            continue
-        x, w = node.args[0], node.args[1]
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
-            continue
-        weight = _attr(gm, w.target)
-        if weight.dim() != 2 or not weight.is_floating_point():
+    for node, x, w, weight, bias in constant_linears(gm):
+        if not weight.is_floating_point():
             continue
         n_out, k = weight.shape
         if n_out == vocab and not cfg.lm_head:

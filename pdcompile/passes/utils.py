@@ -28,6 +28,30 @@ class MaskContractError(RuntimeError):
     """A captured attention mask does not express the phase contract."""
 
 
+def attr(gm: torch.fx.GraphModule, target: str):
+    """The object a get_attr ``target`` ("layers.0.weight") names on ``gm``."""
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def constant_linears(gm: torch.fx.GraphModule):
+    """``(node, x, w, weight, bias)`` for each ``aten.linear`` of ``gm`` whose weight is a 2-D
+    tensor constant of the graph (``w``, a get_attr node; ``weight``, its tensor), whatever the
+    layer is called. A snapshot of the graph's nodes: callers may rewrite the node they get."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        x, w = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if not isinstance(w, torch.fx.Node) or w.op != "get_attr":
+            continue
+        weight = attr(gm, w.target)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+            yield node, x, w, weight, bias
+
+
 def val(node) -> torch.Tensor | None:
     return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
 
