@@ -49,12 +49,12 @@ import torch
 
 from . import manifest as schema
 from .backends import backend_class, exportable_backends
-from .passes.bf16_matmuls import has_bf16_matmuls
 from .capture import CacheGeometry, LayerGeometry
 from .config import CacheConfig, PassConfig
 from .executor import StepExecutor
 from .kv_cache import ContiguousKV, PagedKV
 from .manifest import FORMAT, FORMAT_VERSION
+from .passes.bf16_matmuls import has_bf16_matmuls
 from .phase import PassContext, PhaseSignature
 from .runtime import OptimizedModel, Runner
 

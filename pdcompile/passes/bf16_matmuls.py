@@ -30,7 +30,6 @@ score graphs (half the float32 bytes, once).
 
 from __future__ import annotations
 
-import logging
 import weakref
 
 import torch
@@ -40,7 +39,6 @@ from .quantize_weights import _constant
 from .utils import attr, aten, constant_linears, val
 
 NAME = "bf16_matmuls"
-logger = logging.getLogger(__name__)
 
 # float32 weight -> its bfloat16 copy, for as long as a graph holds the copy. Keyed by the
 # weight's storage and version: the phases' graphs share the model's parameters, and a
