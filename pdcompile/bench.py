@@ -278,9 +278,10 @@ def build_systems(model, cfg: BenchConfig, tokenizer=None) -> list:
     default = default_backend(torch.device("cpu"))
     for weights in cfg.weights:
         systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), weights=weights))
-    if cfg.bf16_prefill and not bf16_supported(torch.device("cpu"))[0]:
-        logger.warning("bf16 prefill rows skipped: %s", bf16_supported(torch.device("cpu"))[1])
-    elif cfg.bf16_prefill:
+    bf16, found = bf16_supported(torch.device("cpu")) if cfg.bf16_prefill else (False, "")
+    if cfg.bf16_prefill and not bf16:
+        logger.warning("bf16 prefill rows skipped: %s", found)
+    elif bf16:
         # quantized weights: bf16 products on the dequantized codes (QuantConfig.prefill), decode as before
         for weights in (None, *(w + ("," if ":" in w else ":") + "prefill=dequantized" for w in cfg.weights)):
             systems.append(PdcompileSystem(model, default, cfg.max_seq_len, max(cfg.batches), weights=weights,

@@ -19,22 +19,14 @@ import weakref
 
 import torch
 
-from ..passes.utils import constant_linears
+from ..passes.utils import constant_linears, derived_once
 from . import Backend
 from .program import copy_graph_module
 
 # bf16 weight -> its oneDNN-blocked copy, shared by the phases (prefill, extend, score) that
-# read the same bf16 copy, for as long as a lowered graph holds it (see bf16_matmuls._COPIES)
+# read the same bf16 copy (utils.derived_once)
 _PACKED: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 ROWS_HINT = 128  # the product's row count oneDNN picks its blocking for (a prompt's tokens)
-
-
-def _packed(weight: torch.Tensor) -> torch.Tensor:
-    key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight._version)
-    packed = _PACKED.get(key)
-    if packed is None:
-        packed = _PACKED[key] = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
-    return packed
 
 
 def prepack_bf16_linears(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -46,11 +38,12 @@ def prepack_bf16_linears(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         if weight.dtype != torch.bfloat16 or getattr(x_val, "dtype", None) != torch.bfloat16:
             continue
         name = "onednn_" + w.target.replace(".", "_")
-        gm.register_buffer(name, _packed(weight), persistent=False)  # an opaque mkldnn tensor: never saved
+        packed = derived_once(_PACKED, weight, lambda w: torch.ops.mkldnn._reorder_linear_weight(w, ROWS_HINT))
+        gm.register_buffer(name, packed, persistent=False)  # an opaque mkldnn tensor: never saved
         with gm.graph.inserting_before(node):
-            packed = gm.graph.get_attr(name)
+            packed_attr = gm.graph.get_attr(name)
         node.target = torch.ops.mkldnn._linear_pointwise.default
-        node.args, node.kwargs = (x, packed, bias, "none", [], ""), {}
+        node.args, node.kwargs = (x, packed_attr, bias, "none", [], ""), {}
     gm.recompile()
     return gm
 

@@ -36,14 +36,11 @@ import torch
 
 from .manager import GraphPass, PassResult
 from .quantize_weights import _constant
-from .utils import attr, aten, constant_linears, val
+from .utils import attr, aten, constant_linears, derived_once, val
 
 NAME = "bf16_matmuls"
 
-# float32 weight -> its bfloat16 copy, for as long as a graph holds the copy. Keyed by the
-# weight's storage and version: the phases' graphs share the model's parameters, and a
-# graph holding a copy also holds the weight it was made from (its attribute stays), so
-# the storage cannot be freed and reused while the entry lives.
+# float32 weight -> its bfloat16 copy, shared by the prefill-like graphs (utils.derived_once)
 _COPIES: "weakref.WeakValueDictionary[tuple, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
@@ -61,14 +58,6 @@ def bf16_supported(device: torch.device) -> tuple[bool, str]:
     return False, f"{device.type} device (bf16 compute is only enabled on CPU and CUDA here)"
 
 
-def _bf16_copy(weight: torch.Tensor) -> torch.Tensor:
-    key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight._version)
-    copy = _COPIES.get(key)
-    if copy is None:
-        copy = _COPIES[key] = weight.detach().to(torch.bfloat16)
-    return copy
-
-
 def has_bf16_matmuls(gm: torch.fx.GraphModule) -> bool:
     """Whether a linear layer of ``gm`` multiplies bfloat16 weights (this pass's, or a bf16 model's)."""
     return any(weight.dtype == torch.bfloat16 for _, _, _, weight, _ in constant_linears(gm))
@@ -84,8 +73,8 @@ def bf16_matmuls(gm: torch.fx.GraphModule, ctx) -> PassResult:
 
     def copy_of(const: torch.fx.Node, user: torch.fx.Node) -> torch.fx.Node:
         if const.target not in copies:  # placed before its first user
-            copies[const.target] = _constant(gm, user, "bf16_" + const.target.replace(".", "_"),
-                                             _bf16_copy(attr(gm, const.target)))
+            copy = derived_once(_COPIES, attr(gm, const.target), lambda w: w.to(torch.bfloat16))
+            copies[const.target] = _constant(gm, user, "bf16_" + const.target.replace(".", "_"), copy)
         return copies[const.target]
 
     for node, x, w, weight, bias in constant_linears(gm):

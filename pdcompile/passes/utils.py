@@ -36,6 +36,18 @@ def attr(gm: torch.fx.GraphModule, target: str):
     return obj
 
 
+def derived_once(cache, weight: torch.Tensor, make):
+    """``make(weight)``, computed once per weight while a graph holds the result: ``cache`` is a
+    ``weakref.WeakValueDictionary`` keyed by the weight's storage, offset, shape and version
+    (the phases' graphs share one model's parameters, so equal keys are one tensor; a graph
+    holding the result also holds the weight, so its storage is not reused meanwhile)."""
+    key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape), weight._version)
+    result = cache.get(key)
+    if result is None:
+        result = cache[key] = make(weight.detach())
+    return result
+
+
 def constant_linears(gm: torch.fx.GraphModule):
     """``(node, x, w, weight, bias)`` for each ``aten.linear`` of ``gm`` whose weight is a 2-D
     tensor constant of the graph (``w``, a get_attr node; ``weight``, its tensor), whatever the
