@@ -14,6 +14,7 @@ import torch
 from . import capture as capture_mod
 from . import compile_cache, memory
 from .backends import backend_class, default_backend, get_backend
+from .backends.ort_layers import RepeatError
 from .config import CacheConfig, OptimizeConfig, PassConfig, QuantConfig
 from .executor import StepExecutor
 from .kv_cache import ContiguousKV, PagedKV
@@ -152,33 +153,49 @@ def graph_phases(config: OptimizeConfig) -> tuple[str, ...]:
     return ("prefill", "decode")
 
 
-def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_implementation: str = "sdpa"):
-    """Capture + pass pipelines, no compilation: (captured model, {phase: PhaseGraph}, report, config)."""
+def transform(model, config: OptimizeConfig, seq_len: int, timings: dict, attn_implementation: str = "sdpa",
+              repeat_layers: bool = False):
+    """Capture + pass pipelines, no compilation: (captured model, {phase: PhaseGraph}, report, config).
+
+    ``repeat_layers``: capture a few decoder layers where the model allows it, for a backend
+    that repeats one (Backend.repeats_layers); each graph's ``ctx.layers`` then says so."""
     with _Stage("capture", timings):
         captured = capture_mod.capture(model, config.cache.max_batch_size, seq_len, attn_implementation,
-                                       phases=graph_phases(config))
+                                       phases=graph_phases(config), repeat_layers=repeat_layers)
     report = OptimizeReport(backend=config.backend or "", timings=timings)
     device = next(model.parameters()).device
     graphs = {}
     for phase, (gm, signature) in captured.graphs.items():
         with _Stage(f"passes[{phase}]", timings):
-            graphs[phase], report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, device)
+            graphs[phase], report.phases[phase] = run_phase_pipeline(gm, signature, config, seq_len, device,
+                                                                     captured)
     if config.cache.paged and not all(g.ctx.signature.is_paged for g in graphs.values()):
         reason = next(r.detail for recs in report.phases.values() for r in recs if r.name == paged_kv.NAME and not r.matches)
         logger.warning("paged KV cache not applicable to this model (%s): using contiguous caches", reason)
         config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, paged=False),
                                      passes=PassConfig(disabled=config.passes.disabled | {paged_kv.NAME}))
-        return transform(model, config, seq_len, timings, attn_implementation)
+        return transform(model, config, seq_len, timings, attn_implementation, repeat_layers)
     return captured, graphs, report, config
 
 
-def run_phase_pipeline(gm, signature, config: OptimizeConfig, seq_len: int, device) -> tuple[PhaseGraph, list]:
+def repeats_layers(config: OptimizeConfig, lowering) -> bool:
+    """Whether optimize() captures a few layers and lets the backend repeat one: the backend
+    can, and every phase runs on it (bf16 prefill phases run on the eager backend) with the
+    model's own weights (quantized weights are the pass's tensors, not the layers')."""
+    return (lowering.repeats_layers and getattr(lowering.options, "repeat_layers", True)
+            and config.prefill_dtype == "float32" and config.quant is None)
+
+
+def run_phase_pipeline(gm, signature, config: OptimizeConfig, seq_len: int, device,
+                       captured: capture_mod.CapturedModel | None = None) -> tuple[PhaseGraph, list]:
     """The phase's pipeline over ``gm``; returns the graph with its final context, and the pass records."""
     bf16 = config.prefill_dtype == "bfloat16" and PHASES[signature.phase].query != 1  # prefill, extend, score
     ctx = PassContext(phase=signature.phase, signature=signature,
                       cache=dataclasses.replace(config.cache, max_seq_len=seq_len), passes=config.passes,
                       device=device, quant=config.quant, matmul_dtype=torch.bfloat16 if bf16 else None)
     gm, records, ctx = run_pipeline(gm, PIPELINES[signature.phase], ctx)
+    if captured is not None and captured.layers is not None:  # the engine takes the whole model's inputs
+        ctx = dataclasses.replace(ctx, layers=captured.layers.full(ctx.signature, captured.geometry))
     return PhaseGraph(gm, ctx), records
 
 
@@ -249,7 +266,8 @@ def optimize(
         hit = _from_cache(store, key, model, config, lowering, device, timings, t_start)
         if hit is not None:
             return hit
-    captured, graphs, report, config = transform(model, config, seq_len, timings)
+    repeat = repeats_layers(config, lowering)
+    captured, graphs, report, config = transform(model, config, seq_len, timings, repeat_layers=repeat)
     report.backend = backend_name
     folder = store.staging(key) if store is not None else None
     # Serially: lowering is Python-bound tracing (one core each), and a forked child to
@@ -257,14 +275,18 @@ def optimize(
     # to threads; measured on 2 cores, see BENCHMARKS.md.
     phases, entries = {}, {}
     try:
-        for phase, g in graphs.items():
-            phase_lowering = lowering_for(lowering, g.gm, g.ctx)
-            with _Stage(f"compile[{phase_lowering.name}:{phase}]", timings):
-                if folder is None:
-                    phases[phase] = (phase_lowering.lower(g.gm, g.ctx), g.ctx.signature)
-                else:  # lowered once, into the cache entry, and run from there (the engine a bundle loads)
-                    entries[phase] = lowering.save(g.gm, g.ctx, folder)
-                    phases[phase] = (lowering.load(folder, entries[phase], g.ctx), g.ctx.signature)
+        try:
+            _lower_all(graphs, lowering, folder, phases, entries, timings)
+        except RepeatError as e:  # the lowered layers differ: every layer, captured and lowered
+            logger.info("lowering every layer: the repeated one does not match the others (%s)", e)
+            phases.clear()
+            entries.clear()
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+                folder = store.staging(key)
+            captured, graphs, report, config = transform(model, config, seq_len, timings)
+            report.backend = backend_name
+            _lower_all(graphs, lowering, folder, phases, entries, timings)
 
         score = _lazy_phase("score", model, config, seq_len, captured.geometry, lowering, graphs, report)
         optimized = _runtime(model, config, seq_len, captured.geometry, StepExecutor(phases, lazy={"score": score}),
@@ -284,6 +306,18 @@ def optimize(
     timings["total"] = time.perf_counter() - t_start
     logger.info("optimize: %s backend ready in %.1f s", backend_name, timings["total"])
     return optimized
+
+
+def _lower_all(graphs: dict, lowering, folder, phases: dict, entries: dict, timings: dict) -> None:
+    """Lower each phase graph into ``phases`` (and, with a cache ``folder``, its files into ``entries``)."""
+    for phase, g in graphs.items():
+        phase_lowering = lowering_for(lowering, g.gm, g.ctx)
+        with _Stage(f"compile[{phase_lowering.name}:{phase}]", timings):
+            if folder is None:
+                phases[phase] = (phase_lowering.lower(g.gm, g.ctx), g.ctx.model_signature)
+            else:  # lowered once, into the cache entry, and run from there (the engine a bundle loads)
+                entries[phase] = lowering.save(g.gm, g.ctx, folder)
+                phases[phase] = (lowering.load(folder, entries[phase], g.ctx), g.ctx.model_signature)
 
 
 def _lazy_phase(phase: str, model, config: OptimizeConfig, seq_len: int, geometry, lowering, graphs: dict | None,

@@ -43,7 +43,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .hf_compat import cache_arg
-from .phase import PhaseSignature
+from .phase import PhaseSignature, RepeatedLayers
 
 logger = logging.getLogger(__name__)
 
@@ -381,8 +381,9 @@ class CapturedModel:
     """The phase graphs (flat inputs, params as attributes), their signatures, the cache they expect."""
 
     graphs: dict[str, tuple[torch.fx.GraphModule, PhaseSignature]]
-    geometry: CacheGeometry
+    geometry: CacheGeometry  # the whole model's
     timings: dict[str, float]
+    layers: RepeatedLayers | None = None  # the graphs hold only these layers (see repeated_layers)
 
 
 # Layer kinds (config.layer_types, 5.x) whose state is keys and values in a cache.
@@ -677,20 +678,160 @@ class _capture_mode:
         self.model.train(self.was_training)
 
 
+# --------------------------------------------------------------------------- a few layers
+
+# Layers a repeated-layer capture keeps: the first, two from the middle, the last. The first
+# and last differ from the rest once lowered (no residual before the first, the last pruned
+# to the last position and followed by the final norm and head); layer 2 is the one a
+# backend repeats, and layer 1 shows what layer 2 takes from the layer before it.
+REPEAT_MIN_LAYERS = 5
+
+
+def decoder_layers(model) -> tuple[str, torch.nn.ModuleList] | None:
+    """(path, ModuleList) of the model's decoder layers: the one ModuleList as long as
+    config.num_hidden_layers; None where there is none or more than one."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    found = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and n and len(m) == n]
+    return found[0] if len(found) == 1 else None
+
+
+def repeated_layers(model, geometry: CacheGeometry) -> tuple[RepeatedLayers | None, str]:
+    """A plan to capture four decoder layers instead of all of them, or (None, why not).
+
+    It needs layers of one structure: one class, the same cache shape and window, one
+    config.layer_types kind. The backend checks the lowered layers against each other too
+    (backends/ort_layers.py) and the model is captured whole where they differ."""
+    found = decoder_layers(model)
+    n = geometry.num_layers
+    if found is None:
+        return None, "no single list of decoder layers"
+    path, layers = found
+    if n < REPEAT_MIN_LAYERS:
+        return None, f"{n} layers (repeating needs {REPEAT_MIN_LAYERS})"
+    if len({type(layer) for layer in layers}) != 1:
+        return None, "decoder layers of different classes"
+    if len(set(geometry.layers)) != 1:
+        return None, "layers with different cache shapes or windows"
+    types = getattr(model.config, "layer_types", None)
+    if types is not None and len(set(types)) != 1:
+        return None, f"layers of different kinds ({sorted(set(types))})"
+    if len(geometry.kv_shapes()) != 2 * n:
+        return None, "not one key and one value cache per layer"
+    try:
+        same = _middle_layers_repeat(model, layers)
+    except Exception as e:  # noqa: BLE001 - the check is an optimisation's; the model is captured whole
+        return None, f"the check that its middle layers repeat failed ({type(e).__name__}: {_first_line(e)})"
+    if not same:
+        return None, "its middle layers compute differently from one another (per-layer code or constants)"
+    params = dict(model.named_parameters(remove_duplicate=False))
+    params.update(model.named_buffers(remove_duplicate=False))
+    return RepeatedLayers(num_layers=n, kept=(0, 1, 2, n - 1), path=path, params=params), ""
+
+
+@torch.no_grad()
+def _middle_layers_repeat(model, layers: torch.nn.ModuleList) -> bool:
+    """Whether each of layers 3..N-2 computes what layer 2's module computes with its weights.
+
+    The model runs twice on eight tokens: as it is, and with each of those layers replaced by
+    a copy of layer 2's module holding that layer's own parameters and buffers (no copy of
+    the tensors). The logits are equal exactly when nothing else differs from layer to layer:
+    per-layer constants, code that branches on the layer's index (GPT-2's
+    scale_attn_by_inverse_layer_idx, layers without rotary), tensors kept outside parameters.
+    Checked in eager PyTorch, so it holds whatever backend lowers the graph."""
+    import copy
+
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = (torch.arange(8, device=device).unsqueeze(0) * 7 + 1) % vocab
+    reference = model(input_ids=ids, use_cache=False).logits
+    template = layers[2]
+    names = [n for n, _ in template.named_parameters(remove_duplicate=False)] + \
+        [n for n, _ in template.named_buffers(remove_duplicate=False)]
+    tensors = lambda layer: [*(t for _, t in layer.named_parameters(remove_duplicate=False)),  # noqa: E731
+                             *(t for _, t in layer.named_buffers(remove_duplicate=False))]
+    copies = []
+    for j in range(3, len(layers) - 1):
+        theirs = tensors(layers[j])
+        if len(theirs) != len(names):
+            return False
+        memo = {id(t): o for t, o in zip(tensors(template), theirs)}
+        copies.append(copy.deepcopy(template, memo))
+    parent_name, _, attr = decoder_layers(model)[0].rpartition(".")
+    parent = model.get_submodule(parent_name)
+    setattr(parent, attr, torch.nn.ModuleList([*layers[:3], *copies, layers[-1]]))
+    try:
+        repeated = model(input_ids=ids, use_cache=False).logits
+    finally:
+        setattr(parent, attr, layers)
+    return bool(torch.equal(reference, repeated))
+
+
+@contextlib.contextmanager
+def _only_layers(model, path: str, kept: tuple[int, ...]):
+    """The model with only the decoder layers ``kept`` (the same modules, renumbered), then
+    as it was: the ModuleList, config.num_hidden_layers / layer_types and each module's
+    ``layer_idx`` (the cache slot HF attention writes) are put back whatever happens."""
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    full = getattr(parent, attr)
+    config = model.config
+    saved_config = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
+    saved_idx = [(m, m.layer_idx) for i in kept for m in full[i].modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    try:
+        for new, i in enumerate(kept):
+            for m in full[i].modules():
+                if isinstance(getattr(m, "layer_idx", None), int):
+                    m.layer_idx = new
+        setattr(parent, attr, torch.nn.ModuleList([full[i] for i in kept]))
+        config.num_hidden_layers = len(kept)
+        if saved_config.get("layer_types") is not None:
+            config.layer_types = [saved_config["layer_types"][i] for i in kept]
+        yield
+    finally:
+        setattr(parent, attr, full)
+        for k, v in saved_config.items():
+            setattr(config, k, v)
+        for m, idx in saved_idx:
+            m.layer_idx = idx
+
+
 def capture(
     model: torch.nn.Module, max_batch_size: int, max_seq_len: int, attn_implementation: str = "sdpa",
-    phases: tuple[str, ...] = ("prefill", "decode"),
+    phases: tuple[str, ...] = ("prefill", "decode"), repeat_layers: bool = False,
 ) -> CapturedModel:
     """Export the ``phases`` graphs of ``model`` (prefill and decode; see the module docstring).
 
     ``attn_implementation`` is the HF attention the graphs are captured with; the passes
     match SDPA ("sdpa"), anything else is captured as is and left alone.
+    ``repeat_layers``: capture four decoder layers where :func:`repeated_layers` allows it
+    (the result's ``layers`` says so), for a backend that repeats one; otherwise all.
     """
     timings: dict[str, float] = {}
     with _capture_mode(model, attn_implementation):
         t0 = time.perf_counter()
         geometry = probe_geometry(model).within(max_seq_len)
         timings["probe"] = time.perf_counter() - t0
+        plan = None
+        if repeat_layers:
+            plan, why = repeated_layers(model, geometry)
+            if plan is None:
+                logger.info("capturing every layer: %s", why)
+        if plan is not None:
+            try:
+                with _only_layers(model, plan.path, plan.kept):
+                    small = probe_geometry(model).within(max_seq_len)
+                    graphs = {}
+                    for phase in phases:
+                        t0 = time.perf_counter()
+                        graphs[phase] = _export_phase(model, phase, small, max_batch_size, max_seq_len)
+                        timings[f"export_{phase}"] = time.perf_counter() - t0
+                logger.info("captured decoder layers %s of %d (the backend repeats layer %d)",
+                            list(plan.kept), plan.num_layers, plan.kept[2])
+                return CapturedModel(graphs=graphs, geometry=geometry, timings=timings, layers=plan)
+            except (UnsupportedModelError, RuntimeError, IndexError, KeyError, ValueError) as e:
+                # a model whose code counts its layers some other way: captured whole (below)
+                logger.info("capturing every layer: with four of %d the model did not trace (%s)",
+                            plan.num_layers, _first_line(e))
         graphs = {}
         for phase in phases:
             t0 = time.perf_counter()

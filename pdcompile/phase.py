@@ -24,6 +24,7 @@ Shapes name their dynamic dimensions; integers are static::
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -222,6 +223,37 @@ def export_dims(max_batch_size: int, max_seq_len: int) -> dict[str, torch.export
     }
 
 
+@dataclass(frozen=True, eq=False)
+class RepeatedLayers:
+    """A phase graph captured with a few of the model's decoder layers, for a backend that
+    lowers them once and repeats one of them (see capture.repeated_layers).
+
+    The graph holds the layers ``kept`` of ``num_layers`` (the first, two from the middle,
+    the last), numbered 0..len(kept)-1 in it. The backend makes layers kept[2]+1 ..
+    num_layers-2 from the lowered layer 2 with each layer's own weights (``params``, the
+    model's parameters and buffers by name), and ``signature`` is the whole model's.
+    """
+
+    num_layers: int
+    kept: tuple[int, ...]
+    path: str  # the decoder layers' ModuleList in the model, e.g. "model.layers"
+    params: dict  # model FQN -> tensor
+    signature: PhaseSignature | None = None  # the whole model's (None until the pipeline has run)
+
+    @property
+    def weight_pattern(self) -> str:
+        """The names the phase graph's decoder-layer weights have (group 1: the layer, 2: the
+        name inside it); the graph's module holds the model as ``model``."""
+        return r"^model\." + re.escape(self.path) + r"\.(\d+)\.(.+)$"
+
+    def full(self, signature: PhaseSignature, geometry) -> "RepeatedLayers":
+        """This plan with the whole model's version of ``signature`` (a truncated graph's)."""
+        whole = PhaseSignature.contiguous(signature.phase, geometry)
+        if signature.is_paged:
+            whole = whole.paged(signature.block_size)
+        return replace(self, signature=whole)
+
+
 @dataclass(frozen=True)
 class PassContext:
     """What a pass or a backend knows about the phase graph it is given (Torch-TensorRT's
@@ -238,10 +270,17 @@ class PassContext:
     dump_dir: str | None = None
     quant: "QuantConfig | None" = None  # weight-only quantization (None: off)
     matmul_dtype: torch.dtype | None = None  # the linear layers' compute dtype (None: the model's)
+    layers: RepeatedLayers | None = None  # the graph holds a few layers of the model (None: all)
 
     @property
     def max_batch_size(self) -> int:
         return self.cache.max_batch_size
+
+    @property
+    def model_signature(self) -> PhaseSignature:
+        """The signature of the engine the backend makes: the whole model's where the graph
+        holds only some of its layers."""
+        return self.layers.signature if self.layers is not None else self.signature
 
     @property
     def max_seq_len(self) -> int:

@@ -43,6 +43,9 @@ class Backend:
     # It runs bfloat16 matrix products (the bf16_matmuls pass, OptimizeConfig.prefill_dtype).
     # Where it does not, optimize() runs those phases on the eager backend instead.
     bf16_matmuls: ClassVar[bool] = True
+    # It can lower a graph of a few decoder layers and repeat one (PassContext.layers):
+    # capture and lowering then cost the same for 8 layers as for 80.
+    repeats_layers: ClassVar[bool] = False
 
     def __init__(self, options=None):
         options = options if options is not None else self.options_class()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import tempfile
 import threading
 from collections import Counter
@@ -51,6 +52,7 @@ from . import Backend
 from .ort_attention import (GQA, ROTARY, group_query_attention_onnx, lower_decode_rotary,
                             lower_group_query_attention, paged_attention_onnx, rotary_embedding_onnx,
                             single_output_attention)
+from .ort_layers import RepeatError, repeat_layers
 from .ort_layout import drop_unit_layout_moves
 from .program import copy_graph_module, export_program
 
@@ -112,6 +114,10 @@ class OrtOptions:
     # attention as ONNX's Attention over the gathered blocks; False keeps the decomposed
     # matmul/softmax everywhere (for comparison).
     group_query_attention: bool = True
+    # Capture four decoder layers and repeat one in the ONNX graph (ort_layers.py) where the
+    # model's layers allow it: capture and lowering then take the same time for any depth.
+    # False lowers every layer (for comparison; the engine is the same graph).
+    repeat_layers: bool = True
 
     def __post_init__(self):
         if self.prepack not in PREPACK:
@@ -165,11 +171,13 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     model = to_onnx(ep, outputs, 23 if paged else None, decompose)
     del ep
     _untransposed_weights(model)
-    _optimize_for_ort(model)
+    _optimize_for_ort(model, keep_initializers=ctx.layers.weight_pattern if ctx.layers is not None else None)
     _drop_identity_transposes(model)
     if paged:
         single_output_attention(model)
     drop_unit_layout_moves(model)
+    if ctx.layers is not None:
+        repeat_layers(model, ctx.layers, ctx.signature)
     if upcast:
         _cast_weights_where_used(model)
         model.metadata_props[FLOAT32_COMPUTE] = "1"
@@ -459,7 +467,7 @@ def _matmul_nbits_op():
     return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits", schema)
 
 
-def _optimize_for_ort(model) -> None:
+def _optimize_for_ort(model, keep_initializers: str | None = None) -> None:
     """onnxscript's optimizer (constant folding of the shape arithmetic a dynamic export
     is full of) and its ONNX Runtime fusions (RMSNorm -> SimplifiedLayerNormalization,
     residual + RMSNorm -> SkipSimplifiedLayerNormalization, rotary -> RotaryEmbedding where
@@ -474,6 +482,10 @@ def _optimize_for_ort(model) -> None:
     prefill graph's 98 s. What it would merge are the rotary's two half-slices: gone from
     decode (GroupQueryAttention / RotaryEmbedding), two Slices instead of one Split in
     prefill (the same bytes copied).
+
+    ``keep_initializers``: a pattern of initializer names the optimizer must not merge with
+    equal ones, so that each layer keeps its own weights by name for repeat_layers (a freshly
+    initialised model's norm weights are all ones).
     """
     import onnxscript
 
@@ -482,11 +494,11 @@ def _optimize_for_ort(model) -> None:
     except ImportError:
         logger.warning("this onnxscript has no ONNX Runtime fusions; the ONNX models run unfused (slower)")
         optimize_for_ort = onnxscript.optimizer.optimize
-    with _without_rules("SlicesSplit"):
+    with _without_rules("SlicesSplit"), _dedup_except(keep_initializers):
         optimize_for_ort(model)  # runs the optimizer itself first (with shape inference)
 
 
-_RULES_LOCK = threading.Lock()
+_RULES_LOCK = threading.RLock()  # re-entered by _without_pass inside _without_rules
 
 
 @contextlib.contextmanager
@@ -508,6 +520,40 @@ def _without_rules(*names: str):
             yield
         finally:
             rewriter._DEFAULT_REWRITE_RULES = rules
+
+
+@contextlib.contextmanager
+def _dedup_except(pattern: str | None):
+    """onnx_ir's DeduplicateInitializersPass, for the optimizer calls inside, leaving alone the
+    initializers whose names match ``pattern`` (None: the pass as it is). The optimizer builds
+    its pass list from onnx_ir's module at each call, so the class is swapped for the
+    duration, under the rules' lock."""
+    import onnx_ir.passes.common as common_passes
+
+    base = getattr(common_passes, "DeduplicateInitializersPass", None)
+    if pattern is None or base is None:
+        yield
+        return
+    keep = re.compile(pattern)
+
+    class KeepingLayerWeights(base):
+        def call(self, model):
+            graph = model.graph
+            kept = [v for name, v in graph.initializers.items() if keep.match(name)]
+            for v in kept:
+                graph.initializers.pop(v.name)
+            try:
+                return super().call(model)
+            finally:
+                for v in kept:
+                    graph.register_initializer(v)
+
+    with _RULES_LOCK:
+        common_passes.DeduplicateInitializersPass = KeepingLayerWeights
+        try:
+            yield
+        finally:
+            common_passes.DeduplicateInitializersPass = base
 
 
 def _drop_identity_transposes(model) -> None:
@@ -708,6 +754,7 @@ class OrtBackend(Backend):
     # The CPU provider has no bfloat16 MatMul (float32_compute.py): a bf16-prefill phase runs
     # on the eager backend, where aten.linear reaches oneDNN's AVX-512 BF16 / AMX kernels.
     bf16_matmuls = False
+    repeats_layers = True  # ort_layers.py
 
     def prepacked_copies(self, dtype: torch.dtype, device: torch.device) -> int:
         """Sessions of optimize() (prefill, decode) that will keep a pre-packed copy of the
@@ -719,13 +766,15 @@ class OrtBackend(Backend):
     def lower(self, gm: torch.fx.GraphModule, ctx: PassContext) -> OrtPhase:
         try:
             model = onnx_ir_model(gm, ctx, self.options.group_query_attention)
+        except RepeatError:
+            raise  # optimize() lowers every layer instead
         except Exception as e:  # torch.onnx's own report is chained; the user reads what to do
             raise RuntimeError(
                 f"the onnxruntime backend could not lower the {ctx.phase} graph ({type(e).__name__}: "
                 f"{str(e).splitlines()[0][:300]}). Use backend='inductor' or 'eager' for this model; for "
                 "mixture-of-experts models, model.set_experts_implementation('batched_mm') first (README)"
             ) from e
-        return OrtPhase(session_model(model, ctx.device), ctx.signature, ctx.device,
+        return OrtPhase(session_model(model, ctx.device), ctx.model_signature, ctx.device,
                         self.options.threads, prepack=self.options.prepacks(ctx.phase))
 
     def save(self, gm: torch.fx.GraphModule, ctx: PassContext, folder: Path) -> dict:
@@ -733,5 +782,5 @@ class OrtBackend(Backend):
         return {"files": export_onnx(gm, ctx, Path(folder) / f"{ctx.phase}.onnx", self.options.group_query_attention)}
 
     def load(self, folder: Path, entry: dict, ctx: PassContext) -> OrtPhase:
-        return OrtPhase(Path(folder) / entry["files"][0], ctx.signature, ctx.device, self.options.threads,
+        return OrtPhase(Path(folder) / entry["files"][0], ctx.model_signature, ctx.device, self.options.threads,
                         prepack=self.options.prepacks(ctx.phase))
