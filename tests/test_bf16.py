@@ -85,7 +85,10 @@ def test_bf16_prefill_matches_the_bf16_reference(backend):
         first, want = reference(model, ids, NEW)
         got_first = fast(ids, logits_to_keep=1).logits[:, -1]
         fp32 = model(ids).logits[:, -1]
-        assert (got_first - first).abs().max() < ATOL
+        # inductor's bf16 GEMM kernels round differently from oneDNN's on CPUs with AVX-512 BF16
+        # but no AMX: up to 2 bf16 steps (2^-7 each) at logits of magnitude ~1 (seen: 0.0156)
+        tol = 2.5e-2 if backend == "inductor" else ATOL
+        assert (got_first - first).abs().max() < tol
         assert (fp32 - first).abs().max() > 2 * ATOL  # the reference is a different function from fp32
         out = fast.generate(ids, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
         assert out[:, n:].tolist() == want.tolist()
