@@ -718,7 +718,7 @@ def repeated_layers(model, geometry: CacheGeometry) -> tuple[RepeatedLayers | No
     if len(geometry.kv_shapes()) != 2 * n:
         return None, "not one key and one value cache per layer"
     try:
-        same = _middle_layers_repeat(model, layers)
+        same = _middle_layers_repeat(model, path, layers)
     except Exception as e:  # noqa: BLE001 - the check is an optimisation's; the model is captured whole
         return None, f"the check that its middle layers repeat failed ({type(e).__name__}: {_first_line(e)})"
     if not same:
@@ -728,8 +728,27 @@ def repeated_layers(model, geometry: CacheGeometry) -> tuple[RepeatedLayers | No
     return RepeatedLayers(num_layers=n, kept=(0, 1, 2, n - 1), path=path, params=params), ""
 
 
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The module's parameters and buffers, in registration order."""
+    return [t for _, t in module.named_parameters(remove_duplicate=False)] + \
+        [t for _, t in module.named_buffers(remove_duplicate=False)]
+
+
+@contextlib.contextmanager
+def _layer_list(model, path: str, modules: list[torch.nn.Module]):
+    """The model with ``modules`` as its decoder layers (the ModuleList at ``path``), then its own again."""
+    parent_name, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    own = getattr(parent, attr)
+    setattr(parent, attr, torch.nn.ModuleList(modules))
+    try:
+        yield own
+    finally:
+        setattr(parent, attr, own)
+
+
 @torch.no_grad()
-def _middle_layers_repeat(model, layers: torch.nn.ModuleList) -> bool:
+def _middle_layers_repeat(model, path: str, layers: torch.nn.ModuleList) -> bool:
     """Whether each of layers 3..N-2 computes what layer 2's module computes with its weights.
 
     The model runs twice on eight tokens: as it is, and with each of those layers replaced by
@@ -745,24 +764,15 @@ def _middle_layers_repeat(model, layers: torch.nn.ModuleList) -> bool:
     ids = (torch.arange(8, device=device).unsqueeze(0) * 7 + 1) % vocab
     reference = model(input_ids=ids, use_cache=False).logits
     template = layers[2]
-    names = [n for n, _ in template.named_parameters(remove_duplicate=False)] + \
-        [n for n, _ in template.named_buffers(remove_duplicate=False)]
-    tensors = lambda layer: [*(t for _, t in layer.named_parameters(remove_duplicate=False)),  # noqa: E731
-                             *(t for _, t in layer.named_buffers(remove_duplicate=False))]
+    mine = _tensors(template)
     copies = []
     for j in range(3, len(layers) - 1):
-        theirs = tensors(layers[j])
-        if len(theirs) != len(names):
+        theirs = _tensors(layers[j])
+        if len(theirs) != len(mine):
             return False
-        memo = {id(t): o for t, o in zip(tensors(template), theirs)}
-        copies.append(copy.deepcopy(template, memo))
-    parent_name, _, attr = decoder_layers(model)[0].rpartition(".")
-    parent = model.get_submodule(parent_name)
-    setattr(parent, attr, torch.nn.ModuleList([*layers[:3], *copies, layers[-1]]))
-    try:
+        copies.append(copy.deepcopy(template, {id(t): o for t, o in zip(mine, theirs)}))
+    with _layer_list(model, path, [*layers[:3], *copies, layers[-1]]):
         repeated = model(input_ids=ids, use_cache=False).logits
-    finally:
-        setattr(parent, attr, layers)
     return bool(torch.equal(reference, repeated))
 
 
@@ -771,24 +781,21 @@ def _only_layers(model, path: str, kept: tuple[int, ...]):
     """The model with only the decoder layers ``kept`` (the same modules, renumbered), then
     as it was: the ModuleList, config.num_hidden_layers / layer_types and each module's
     ``layer_idx`` (the cache slot HF attention writes) are put back whatever happens."""
-    parent_name, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_name)
-    full = getattr(parent, attr)
+    full = model.get_submodule(path)
     config = model.config
     saved_config = {k: getattr(config, k) for k in ("num_hidden_layers", "layer_types") if hasattr(config, k)}
-    saved_idx = [(m, m.layer_idx) for i in kept for m in full[i].modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    indexed = [(new, m) for new, i in enumerate(kept) for m in full[i].modules()
+               if isinstance(getattr(m, "layer_idx", None), int)]
+    saved_idx = [(m, m.layer_idx) for _, m in indexed]
     try:
-        for new, i in enumerate(kept):
-            for m in full[i].modules():
-                if isinstance(getattr(m, "layer_idx", None), int):
-                    m.layer_idx = new
-        setattr(parent, attr, torch.nn.ModuleList([full[i] for i in kept]))
-        config.num_hidden_layers = len(kept)
-        if saved_config.get("layer_types") is not None:
-            config.layer_types = [saved_config["layer_types"][i] for i in kept]
-        yield
+        with _layer_list(model, path, [full[i] for i in kept]):
+            for new, m in indexed:
+                m.layer_idx = new
+            config.num_hidden_layers = len(kept)
+            if saved_config.get("layer_types") is not None:
+                config.layer_types = [saved_config["layer_types"][i] for i in kept]
+            yield
     finally:
-        setattr(parent, attr, full)
         for k, v in saved_config.items():
             setattr(config, k, v)
         for m, idx in saved_idx:

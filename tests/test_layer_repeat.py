@@ -114,7 +114,7 @@ def test_lowered_layers_that_differ_fall_back_to_every_layer(monkeypatch):
     # Without the eager check, the ONNX one (layer 2 must be layer 1 lowered again) sees the
     # per-layer constant, and optimize() captures and lowers every layer instead.
     model = _deep("gpt2", 6, scale_attn_by_inverse_layer_idx=True)
-    monkeypatch.setattr(capture, "_middle_layers_repeat", lambda model, layers: True)
+    monkeypatch.setattr(capture, "_middle_layers_repeat", lambda model, path, layers: True)
     assert capture.repeated_layers(model, capture.probe_geometry(model))[0] is not None
     fast = _optimize(model, prefix_cache=False)
     assert all(g.ctx.layers is None for g in fast.graphs.values())

@@ -498,7 +498,7 @@ def _optimize_for_ort(model, keep_initializers: str | None = None) -> None:
         optimize_for_ort(model)  # runs the optimizer itself first (with shape inference)
 
 
-_RULES_LOCK = threading.RLock()  # re-entered by _without_pass inside _without_rules
+_RULES_LOCK = threading.RLock()  # re-entered by _dedup_except inside _without_rules
 
 
 @contextlib.contextmanager

@@ -138,10 +138,12 @@ def repeat_layers(model, plan: RepeatedLayers, small_signature) -> None:
             graph.initializers.pop(value.name)
             value.name = f"model.{plan.path}.{n - 1}.{inner}"
             graph.register_initializer(value)
-    kv = {(layer if layer < last else n - 1, slot_of[v]): v for v in slot_of for layer in [layer_of[v]]}
+    real = lambda layer: layer if layer < last else n - 1  # noqa: E731 - a small graph's layer, in the model
+    kv = {(real(layer_of[v]), slot_of[v]): v for v in slot_of}  # (layer, slot) -> graph input
     for layer in range(3, n - 1):
-        for v in [x for x in slot_of if layer_of[x] == 2]:
-            kv[(layer, slot_of[v])] = ir.Value(name=f"{v.name}@{layer}", shape=v.shape, type=v.type)
+        for v in slot_of:
+            if layer_of[v] == 2:
+                kv[(layer, slot_of[v])] = ir.Value(name=f"{v.name}@{layer}", shape=v.shape, type=v.type)
 
     def own_weight(layer: int, like):
         inner = weight_of[like][1]
@@ -197,7 +199,7 @@ def repeat_layers(model, plan: RepeatedLayers, small_signature) -> None:
     out = {}
     for k, v in enumerate(small_presents):
         layer, slot = divmod(k, per_layer)
-        out[(layer if layer < last else n - 1, slot)] = v
+        out[(real(layer), slot)] = v
         if layer == 2:
             for j in range(3, n - 1):
                 out[(j, slot)] = presents[(j, v)]
@@ -206,6 +208,7 @@ def repeat_layers(model, plan: RepeatedLayers, small_signature) -> None:
     for i, v in enumerate(graph.outputs[1:]):
         v.name = f"present_{i}"
     graph.sort()
-    if len(graph.inputs) != len(full.inputs) or len(graph.outputs) != 1 + len(full.of(STATE_ROLES[0]) + full.of(STATE_ROLES[1])):
+    states = sum(s.role in STATE_ROLES for s in full.inputs)
+    if (len(graph.inputs), len(graph.outputs)) != (len(full.inputs), 1 + states):
         raise RepeatError(f"the repeated graph has {len(graph.inputs)} inputs and {len(graph.outputs)} outputs, "
-                          f"the model's signature {len(full.inputs)} inputs")
+                          f"the model's signature {len(full.inputs)} inputs and {1 + states} outputs")
