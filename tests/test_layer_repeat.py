@@ -77,6 +77,15 @@ def test_repeated_layers_match_hf(family, layers):
         or family == "gpt2"  # GPT2Block has no layer_idx of its own
 
 
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_repeated_layers_at_other_block_sizes(block_size):
+    model = _deep("llama", 6)
+    fast = _optimize(model, block_size=block_size, prefix_cache=False)
+    assert fast.graphs["decode"].ctx.model_signature.block_size == block_size
+    assert fast.graphs["decode"].ctx.layers is not None
+    _check_tokens_and_logits(model, fast)
+
+
 def test_prefix_cache_hit_through_the_repeated_extend_graph():
     model = _deep("llama", 6)
     fast = _optimize(model)
