@@ -4,10 +4,11 @@ Lowering: the phase graph gets functional cache writes (``functional_cache.py``)
 contiguous float32 caches on CPU, prefill and decode attention (with its cache write, and
 decode's rotary where it matches) become ONNX Runtime's ``GroupQueryAttention`` contrib op
 (``ort_attention.py``); on CPU, ``pdcompile::paged_attention`` becomes ONNX's ``Attention``
-(opset 23) over the gathered blocks; the remaining ``pdcompile::attention`` are
-decomposed into plain matmul/softmax with query heads grouped under their kv head
-(:func:`pdcompile.ops.attention_grouped`, no copy of the cache for grouped-query
-attention); the graph is re-exported and ``torch.onnx.export(dynamo=True)`` writes the model.
+(opset 23) over the gathered blocks; the remaining ``pdcompile::attention`` are written
+as plain matmul/softmax with query heads grouped under their kv head
+(:func:`ort_attention.attention_onnx`, no copy of the cache for grouped-query attention).
+The graph becomes an ExportedProgram as it is (``program.program_from_graph``: no second
+trace; a graph that needs one is re-exported) and torch.onnx's translation writes the model.
 In one-token graphs (decode), the Transposes and Gathers that only move size-1 axes
 become Reshapes and collapse (``ort_layout.py``).
 
@@ -31,6 +32,7 @@ Execution providers: TensorRT, CUDA, then CPU, whichever this onnxruntime build 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -43,18 +45,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..ops import attention_grouped, paged_attention_grouped
+from ..ops import paged_attention_grouped
 from ..passes.float32_compute import compute_in_float32
 from ..passes.functional_cache import functionalize_cache_writes
-from ..passes.utils import PAGED_ATTENTION as PAGED
+from ..passes.manager import refresh_meta
+from ..passes.utils import ATTENTION, PAGED_ATTENTION as PAGED
 from ..phase import PassContext, PhaseSignature
 from . import Backend
-from .ort_attention import (GQA, ROTARY, group_query_attention_onnx, lower_decode_rotary,
+from .ort_attention import (GQA, ROTARY, attention_onnx, group_query_attention_onnx, lower_decode_rotary,
                             lower_group_query_attention, paged_attention_onnx, rotary_embedding_onnx,
                             single_output_attention)
 from .ort_layers import RepeatError, repeat_layers
 from .ort_layout import drop_unit_layout_moves
-from .program import copy_graph_module, export_program
+from .program import copy_graph_module, export_program, program_from_graph
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +157,7 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     # Attention (opset 23, see paged_attention_onnx; ORT's CUDA kernel for it is not verified
     # here); the rest of the graph keeps the exporter's default opset, whose lowering every
     # other path here was measured with.
-    grouped = {torch.ops.pdcompile.attention.default: attention_grouped}
+    grouped = {}
     if not group_query_attention or ctx.device.type != "cpu" or not _opset23():
         grouped[PAGED] = paged_attention_grouped
     paged = False
@@ -165,7 +168,7 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     if paged:  # exported at opset 23, which has RotaryEmbedding
         lower_decode_rotary(gm, ctx)
     gm.recompile()
-    ep = export_program(gm, ctx)
+    ep = _program(gm, ctx, reexport=decompose)
     n_caches = len(ep.graph_signature.user_outputs) - 1
     outputs = ["logits"] + [f"present_{i}" for i in range(n_caches)]
     model = to_onnx(ep, outputs, 23 if paged else None, decompose)
@@ -184,10 +187,39 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     return model
 
 
+def _program(gm: torch.fx.GraphModule, ctx: PassContext, reexport: bool) -> torch.export.ExportedProgram:
+    """The phase as an ExportedProgram: the graph as it is where it can be (no second trace,
+    see program_from_graph), else (or with ``reexport``) exported again."""
+    if not reexport:
+        try:
+            refresh_meta(gm)  # the nodes this lowering added have no fake values yet
+            ep = program_from_graph(gm)
+        except Exception as e:  # torch internals differ: the re-export below is the reference path
+            logger.debug("%s: the graph as a program failed (%s: %s)", ctx.phase, type(e).__name__, e)
+            ep = None
+        if ep is not None:
+            return ep
+        logger.debug("%s: re-exporting the graph (a node only a trace can lower)", ctx.phase)
+    return export_program(gm, ctx)
+
+
 # The assertion nodes torch.onnx removes before translating (_fx_passes.remove_assertion_nodes)
 _ASSERTIONS = {torch.ops.aten._assert_tensor_metadata.default, torch.ops.aten._assert_scalar.default,
                torch.ops.aten._assert_async.default, torch.ops.aten._assert_async.msg,
                torch.ops.aten.sym_constrain_range_for_size.default}
+
+
+@functools.lru_cache(maxsize=None)
+def _registry(opset: int):
+    """torch.onnx's translation registry at ``opset`` with our translations, and the ops it
+    implements: built once per process and opset (from torchlib's ~1,500 functions: ~0.7 s
+    on 2 cores, paid by every phase before), only read by the translation."""
+    from torch.onnx._internal.exporter import _decomp, _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
+    for op, fn in translation_table().items():
+        registry.register_op(op, fn, is_complex=False)
+    return registry, frozenset(_decomp.get_onnx_implemented_overloads(registry))
 
 
 def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | None, decompose: bool = False):
@@ -196,8 +228,8 @@ def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | N
 
     The exporter always starts with ``ep.run_decompositions(table)``, a full functionalising
     retrace of the program (measured on SmolLM2, 30 layers: ~40 s of prefill's lowering
-    and ~15 s of decode's on 2 cores). Our programs come from export_program over a graph
-    that is already ATen, cache writes functional: when every op in it has an ONNX
+    and ~15 s of decode's on 2 cores). Our programs come from program_from_graph (or
+    export_program) over a graph that is already ATen, cache writes functional: when every op in it has an ONNX
     translation of its own (the ops decomposition keeps as they are) and none mutates, the
     retrace would rebuild the same graph, so this goes straight to the exporter's own type
     promotion and translation (what it runs after decomposing).
@@ -209,13 +241,10 @@ def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | N
         import torch.fx.experimental._config as fx_config
         from torch.onnx._constants import ONNX_DEFAULT_OPSET
         from torch.onnx._internal._lazy_import import onnxscript_apis
-        from torch.onnx._internal.exporter import _core, _decomp, _flags, _fx_passes, _ir_passes, _registration
+        from torch.onnx._internal.exporter import _core, _flags, _fx_passes, _ir_passes
 
         opset = opset or ONNX_DEFAULT_OPSET  # what torch.onnx.export defaults to
-        registry = _registration.ONNXRegistry.from_torchlib(opset_version=opset)
-        for op, fn in translation_table().items():
-            registry.register_op(op, fn, is_complex=False)
-        implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+        registry, implemented = _registry(opset)
 
         @_flags.set_onnx_exporting_flag  # as for the whole of torch.onnx.export
         def translate(ep):  # what the exporter runs after decomposing
@@ -426,7 +455,7 @@ def _session(source, opts, device, shared: SessionModel | None, disabled_optimiz
 def translation_table() -> dict:
     """``pdcompile::`` ops the exporter writes as ONNX Runtime contrib ops (not decomposed)."""
     return {torch.ops.pdcompile.weight_only_linear.default: _matmul_nbits, GQA: group_query_attention_onnx,
-            PAGED: paged_attention_onnx, ROTARY: rotary_embedding_onnx}
+            PAGED: paged_attention_onnx, ROTARY: rotary_embedding_onnx, ATTENTION: attention_onnx}
 
 
 def _matmul_nbits(x, qweight, scales, zero_points=None, bias=None, bits: int = 8, group_size: int = 32,

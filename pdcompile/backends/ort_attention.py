@@ -438,6 +438,38 @@ def _gqa_op():
     return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", schema)
 
 
+def attention_onnx(q, k, v, q_pos, scale: float, window: int = 0):
+    """``pdcompile::attention`` in ONNX ops, as :func:`pdcompile.ops.attention_grouped` writes it.
+
+    Query heads split under their kv head (``[B, Hkv, rep, Sq, D]``), k/v with a broadcast
+    axis (never repeated), a boolean causal (and window) mask from the positions, Softmax.
+    The same nodes the exporter traces from ``attention_grouped``; written here so that a
+    graph whose only non-ATen nodes are this op translates without a re-export
+    (program.program_from_graph). Where GroupQueryAttention applies it replaced this op
+    before (lower_group_query_attention).
+    """
+    from onnxscript import opset18 as op
+
+    hq, d = q.shape[1], q.shape[3]
+    hkv, dv = k.shape[1], v.shape[3]
+    q5 = op.Reshape(q, op.Constant(value_ints=[0, hkv, hq // hkv, -1, d]))
+    kt = op.Transpose(op.Unsqueeze(k, op.Constant(value_ints=[2])), perm=[0, 1, 2, 4, 3])  # -> FusedMatMul(transB)
+    scores = op.Mul(op.MatMul(q5, kt), op.CastLike(op.Constant(value_float=scale), q))
+    zero, one = op.Constant(value_int=0), op.Constant(value_int=1)
+    sq = op.Range(zero, op.Squeeze(op.Shape(q, start=2, end=3)), one)
+    sk = op.Range(zero, op.Squeeze(op.Shape(k, start=2, end=3)), one)
+    start = op.Constant(value_ints=[0]) if q_pos is None else q_pos
+    qi = op.Add(op.Unsqueeze(start, op.Constant(value_ints=[1, 2])), op.Unsqueeze(sq, op.Constant(value_ints=[0, 2])))
+    kj = op.Unsqueeze(sk, op.Constant(value_ints=[0, 1]))  # [1, 1, Sk]
+    keep = op.LessOrEqual(kj, qi)  # [B|1, Sq, Sk]
+    if window > 0:
+        keep = op.And(keep, op.Less(op.Sub(qi, kj), op.Constant(value_int=window)))
+    keep = op.Unsqueeze(keep, op.Constant(value_ints=[1, 2]))  # [B|1, 1, 1, Sq, Sk]
+    scores = op.Where(keep, scores, op.CastLike(op.Constant(value_float=float("-inf")), q))
+    out = op.MatMul(op.Softmax(scores, axis=-1), op.Unsqueeze(v, op.Constant(value_ints=[2])))
+    return op.Reshape(out, op.Constant(value_ints=[0, hq, -1, dv]))
+
+
 def paged_attention_onnx(q, k_pool, v_pool, block_table, q_pos, scale: float, window: int = 0):
     """``pdcompile::paged_attention`` as ONNX ``Attention`` (opset 23) over the gathered blocks.
 
