@@ -5,9 +5,9 @@
 The base is checked out as a git worktree in a temporary folder and imported ahead of the
 installed package (``PYTHONPATH``); "new" is this working tree. Each round runs one fresh
 process per checkout and model, alternating which goes first: optimize() over an empty
-compile cache (cold), then on one 128-token prompt (the same ids for both) TTFT = median of
-``--ttft-runs`` one-token generations, TPOT = median step of a 64-token greedy generation
-(``min_new_tokens=64``). The two checkouts' greedy tokens must be identical. The table
+compile cache (cold, the default configuration), then TTFT = median of ``--ttft-runs``
+one-token generations of new random 128-token prompts (no prefix-cache hit; the same ids for
+both checkouts), TPOT = median step of a 64-token greedy generation (``min_new_tokens=64``). The two checkouts' greedy tokens must be identical. The table
 gives medians over rounds. Run it on a quiet machine: nothing else may share the cores.
 """
 
@@ -32,16 +32,18 @@ from pdcompile.timing import TimingStreamer
 assert os.path.realpath(pdcompile.__file__).startswith(os.path.realpath(sys.argv[2])), pdcompile.__file__
 model, _ = load_model(sys.argv[1])
 t = time.perf_counter()
-fast = pdcompile.optimize(model, prefix_cache=False)
+fast = pdcompile.optimize(model)  # the default configuration (prefill, decode, extend graphs)
 cold = time.perf_counter() - t
-vocab = model.config.vocab_size
-ids = torch.randint(3, min(vocab, 32000), (1, 128), generator=torch.Generator().manual_seed(0))
+g = torch.Generator().manual_seed(0)
+prompt = lambda: torch.randint(3, min(model.config.vocab_size, 32000), (1, 128), generator=g)
+ids = prompt()
 mask = torch.ones_like(ids)
-fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False)  # warm-up
+fast.generate(input_ids=prompt(), attention_mask=mask, max_new_tokens=2, do_sample=False)  # warm-up
 ttft = []
-for _ in range(int(sys.argv[3])):
+for _ in range(int(sys.argv[3])):  # a new prompt each time: no prefix-cache hit
+    p = prompt()
     t = time.perf_counter()
-    fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    fast.generate(input_ids=p, attention_mask=mask, max_new_tokens=1, do_sample=False)
     ttft.append((time.perf_counter() - t) * 1e3)
 streamer = TimingStreamer()
 out = fast.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
