@@ -447,7 +447,7 @@ def attention_onnx(q, k, v, q_pos, scale: float, window: int = 0):
     a re-export (program.program_from_graph: 3.8 s of R1's cold optimize()). Unlike the traced
     ``attention_grouped`` each layer builds its own mask from its q's shape (~9 small nodes
     a layer); measured on R1 and SmolLM2 prefill (128 tokens, one process, interleaved):
-    the same logits bit for bit, time within 1% of the traced form either way
+    the same logits bit for bit, R1 +0.4 to +1.6% (~0.3 ms, the extra nodes), SmolLM2 -0.9%
     (BENCHMARKS.md, 2026-12-08). Where GroupQueryAttention applies it replaced this op
     before (lower_group_query_attention).
     """
