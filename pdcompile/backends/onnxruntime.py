@@ -151,12 +151,12 @@ def onnx_ir_model(gm: torch.fx.GraphModule, ctx: PassContext, group_query_attent
     functionalize_cache_writes(gm, ctx.signature)
     if group_query_attention:
         lower_group_query_attention(gm, ctx)
-    # Lower the remaining canonical attention by tracing its ONNX-friendly decomposition during
-    # the re-export (cheaper than a separate run_decompositions pass over the whole program).
-    # With native attention on, on CPU, paged attention stays one op, written as ONNX's
-    # Attention (opset 23, see paged_attention_onnx; ORT's CUDA kernel for it is not verified
-    # here); the rest of the graph keeps the exporter's default opset, whose lowering every
-    # other path here was measured with.
+    # The remaining canonical attention has its own translation (attention_onnx). With native
+    # attention on, on CPU, paged attention stays one op, written as ONNX's Attention (opset
+    # 23, see paged_attention_onnx; ORT's CUDA kernel for it is not verified here); otherwise
+    # it becomes its ONNX-friendly decomposition, traced by a re-export of the graph. The rest
+    # of the graph keeps the exporter's default opset, whose lowering every other path here
+    # was measured with.
     grouped = {}
     if not group_query_attention or ctx.device.type != "cpu" or not _opset23():
         grouped[PAGED] = paged_attention_grouped
@@ -229,10 +229,10 @@ def to_onnx(ep: torch.export.ExportedProgram, outputs: list[str], opset: int | N
     The exporter always starts with ``ep.run_decompositions(table)``, a full functionalising
     retrace of the program (measured on SmolLM2, 30 layers: ~40 s of prefill's lowering
     and ~15 s of decode's on 2 cores). Our programs come from program_from_graph (or
-    export_program) over a graph that is already ATen, cache writes functional: when every op in it has an ONNX
-    translation of its own (the ops decomposition keeps as they are) and none mutates, the
-    retrace would rebuild the same graph, so this goes straight to the exporter's own type
-    promotion and translation (what it runs after decomposing).
+    export_program) over a graph that is already ATen, cache writes functional: when every
+    op in it has an ONNX translation of its own (the ops decomposition keeps as they are)
+    and none mutates, the retrace would rebuild the same graph, so this goes straight to the
+    exporter's own type promotion and translation (what it runs after decomposing).
     Those are private functions of torch.onnx: any other program, or a torch whose
     exporter is laid out differently, takes the public export (logged at debug level), as
     does ``decompose=True`` (the reference the tests hold this path to).

@@ -66,10 +66,10 @@ def program_from_graph(gm: torch.fx.GraphModule) -> torch.export.ExportedProgram
 
     gm = copy_graph_module(gm)
     graph = gm.graph
-    users = list(graph.find_nodes(op="placeholder"))
-    vals = [n.meta.get("val") for n in users]
+    inputs = list(graph.find_nodes(op="placeholder"))
+    vals = [n.meta.get("val") for n in inputs]
     mode = torch._guards.detect_fake_mode(vals)
-    if mode is None or mode.shape_env is None or any(v is None for v in vals):
+    if not inputs or mode is None or mode.shape_env is None or any(v is None for v in vals):
         return None
     for node in graph.nodes:
         if node.op == "call_function":
@@ -88,32 +88,27 @@ def program_from_graph(gm: torch.fx.GraphModule) -> torch.export.ExportedProgram
             if first_size is not node:
                 node.replace_all_uses_with(first_size)
                 graph.erase_node(node)
-    lifted: dict[str, torch.fx.Node] = {}
-    params, constants = {}, {}
-    first = users[0] if users else None
-    for node in list(graph.find_nodes(op="get_attr")):
+    tensors: dict[str, torch.Tensor] = {}  # get_attr target -> tensor
+    for node in graph.find_nodes(op="get_attr"):
         value = gm
         for part in node.target.split("."):
             value = getattr(value, part, None)
         if not isinstance(value, torch.Tensor):
             return None
-        if node.target not in lifted:
-            with graph.inserting_before(first):
-                ph = graph.placeholder("w_" + node.target.replace(".", "_"))
-            ph.meta["val"] = mode.from_tensor(value, static_shapes=True)
-            lifted[node.target] = ph
-            (params if isinstance(value, torch.nn.Parameter) else constants)[node.target] = value
+        tensors[node.target] = value
+    params = {t: v for t, v in tensors.items() if isinstance(v, torch.nn.Parameter)}
+    constants = {t: v for t, v in tensors.items() if t not in params}
+    lifted: dict[str, torch.fx.Node] = {}
+    with graph.inserting_before(inputs[0]):  # the signature's order: parameters, constants, user inputs
+        for target in [*params, *constants]:
+            lifted[target] = graph.placeholder("w_" + target.replace(".", "_"))
+            lifted[target].meta["val"] = mode.from_tensor(tensors[target], static_shapes=True)
+    for node in list(graph.find_nodes(op="get_attr")):
         node.replace_all_uses_with(lifted[node.target])
         graph.erase_node(node)
-    # the signature's order: parameters, then constants, then user inputs
-    order = [lifted[t] for t in params] + [lifted[t] for t in constants]
-    for ph in reversed(order):
-        first = next(iter(graph.nodes))
-        if ph is not first:
-            first.prepend(ph)
     specs = [InputSpec(InputKind.PARAMETER, TensorArgument(lifted[t].name), t) for t in params]
     specs += [InputSpec(InputKind.CONSTANT_TENSOR, TensorArgument(lifted[t].name), t) for t in constants]
-    specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), None) for n in users]
+    specs += [InputSpec(InputKind.USER_INPUT, TensorArgument(n.name), None) for n in inputs]
     out = graph.output_node().args[0]
     outs = list(out) if isinstance(out, (tuple, list)) else [out]
     if not all(isinstance(o, torch.fx.Node) for o in outs):
@@ -121,7 +116,7 @@ def program_from_graph(gm: torch.fx.GraphModule) -> torch.export.ExportedProgram
     graph.output_node().args = (tuple(outs),)
     signature = ExportGraphSignature(specs, [OutputSpec(OutputKind.USER_OUTPUT, TensorArgument(o.name), None)
                                              for o in outs])
-    for target in list(params) + list(constants):  # the placeholders read them now
+    for target in tensors:  # the placeholders read them now
         owner, _, name = target.rpartition(".")
         delattr(gm.get_submodule(owner) if owner else gm, name)
     gm.recompile()
@@ -129,9 +124,9 @@ def program_from_graph(gm: torch.fx.GraphModule) -> torch.export.ExportedProgram
     symbols = {s for v in vals for d in v.shape if isinstance(d, torch.SymInt) for s in d.node.expr.free_symbols}
     ranges = {s: env.var_to_range[s] for s in symbols if s in env.var_to_range}
     # what ep.module() / run_decompositions need to call it: positional user inputs, a tuple out
-    args = [TensorArgument(n.name) for n in users]
+    args = [TensorArgument(n.name) for n in inputs]
     results = [TensorArgument(o.name) for o in outs]
-    call = ModuleCallSignature(args, results, pytree.tree_flatten((tuple(users), {}))[1],
+    call = ModuleCallSignature(args, results, pytree.tree_flatten((tuple(inputs), {}))[1],
                                pytree.tree_flatten(tuple(outs))[1])
     return torch.export.ExportedProgram(root=gm, graph=graph, graph_signature=signature, state_dict=params,
                                         range_constraints=ranges, module_call_graph=[ModuleCallEntry("", call)],
