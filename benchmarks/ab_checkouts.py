@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,10 +55,11 @@ print(json.dumps({"cold_s": cold, "stages": fast.pdcompile_report().timings, "tt
 
 
 def run_child(src: Path, model: str, ttft_runs: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(src), "PDCOMPILE_CACHE_DIR": tempfile.mkdtemp(prefix="pdc-ab-cache-"),
-           "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="pdc-ab-inductor-")}
-    proc = subprocess.run([sys.executable, "-c", CHILD, model, str(src / "pdcompile"), str(ttft_runs)],
-                          capture_output=True, text=True, env=env, cwd=src)
+    with tempfile.TemporaryDirectory(prefix="pdc-ab-") as tmp:  # empty caches, removed after (1-2 GB each)
+        env = {**os.environ, "PYTHONPATH": str(src), "PDCOMPILE_CACHE_DIR": f"{tmp}/cache",
+               "TORCHINDUCTOR_CACHE_DIR": f"{tmp}/inductor"}
+        proc = subprocess.run([sys.executable, "-c", CHILD, model, str(src / "pdcompile"), str(ttft_runs)],
+                              capture_output=True, text=True, env=env, cwd=src)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -92,6 +94,7 @@ def main() -> None:
             results["models"][model] = {"runs": runs, "median": summary, "tokens_identical": same}
     finally:
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base)], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
     print("\n| model | checkout | cold optimize() s | TTFT ms | TPOT ms/token |\n| --- | --- | --- | --- | --- |")
     for model, res in results["models"].items():
         for name, m in res["median"].items():
