@@ -742,7 +742,7 @@ def _layer_list(model, path: str, modules: list[torch.nn.Module]):
     own = getattr(parent, attr)
     setattr(parent, attr, torch.nn.ModuleList(modules))
     try:
-        yield own
+        yield
     finally:
         setattr(parent, attr, own)
 

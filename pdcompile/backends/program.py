@@ -14,6 +14,7 @@ import torch
 
 from ..cost import example_inputs
 from ..passes.functional_cache import functionalize_cache_writes
+from ..passes.utils import attr
 from ..phase import PassContext
 
 
@@ -90,9 +91,7 @@ def program_from_graph(gm: torch.fx.GraphModule) -> torch.export.ExportedProgram
                 graph.erase_node(node)
     tensors: dict[str, torch.Tensor] = {}  # get_attr target -> tensor
     for node in graph.find_nodes(op="get_attr"):
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part, None)
+        value = attr(gm, node.target)
         if not isinstance(value, torch.Tensor):
             return None
         tensors[node.target] = value
